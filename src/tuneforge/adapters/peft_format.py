@@ -1,0 +1,195 @@
+"""Adapter files in the HF PEFT format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are ``base_model.model.<module path>.<leaf>`` with PEFT's leaf names (``lora_A.weight``,
+``lora_magnitude_vector``, ``lora_embedding_A``) and ``modules_to_save`` copies stored under the
+module's own names, so files move freely between tuneforge, peft, vLLM and LoRAX.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tuneforge.adapters.config import AdapterConfig
+from tuneforge.adapters.model import (
+    add_adapter,
+    adapter_book,
+    saved_module_copies,
+    set_trainable_adapter,
+    wrapped_layers,
+)
+from tuneforge.adapters.registry import get_method, method_for_peft_type
+from tuneforge.errors import AdapterError, ConfigError
+from tuneforge.fileio import atomic_write, atomic_write_json, atomic_write_text
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors under PEFT's file keys."""
+    state = {}
+    for layer_name, layer in wrapped_layers(model):
+        if name in layer.adapters:
+            for leaf, tensor in layer.adapters[name].file_tensors().items():
+                state[f"{PREFIX}{layer_name}.{leaf}"] = tensor
+    for module_name, copies in saved_module_copies(model):
+        if name in copies.modules_to_save:
+            for leaf, tensor in copies.file_tensors(name).items():
+                state[f"{PREFIX}{module_name}.{leaf}"] = tensor
+    return state
+
+
+def save_adapter(model: nn.Module, directory: str | Path, name: str = "default", *,
+                 base_model_name: str | None = None) -> Path:
+    """Write adapter ``name`` to ``directory`` (each file atomically) with a model card."""
+    book = adapter_book(model)
+    if name not in book.configs:
+        raise AdapterError(f"no adapter named '{name}' to save; the model has {list(book.configs) or 'no adapters'}")
+    directory = Path(directory)
+    config = book.configs[name]
+    state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state(model, name).items()}
+    peft_config = config.to_peft_dict()
+    peft_config.update(
+        base_model_name_or_path=base_model_name or _base_model_name(model),
+        task_type=_task_type(model),
+        inference_mode=True,
+    )
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write_json(directory / CONFIG_FILE, peft_config)
+    atomic_write_text(directory / "README.md", _model_card(config, peft_config, state))
+    return directory
+
+
+def _base_model_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or None
+
+
+def _task_type(model: nn.Module) -> str | None:
+    return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
+
+
+def _model_card(config: AdapterConfig, peft_config: dict, state: dict[str, torch.Tensor]) -> str:
+    params = sum(t.numel() for t in state.values())
+    base = peft_config.get("base_model_name_or_path") or "(not recorded)"
+    return (
+        f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [tuneforge, {config.method}]\n---\n\n"
+        f"# {config.method} adapter\n\nTrained with tuneforge. Base model: `{base}`.\n\n"
+        f"- method: `{config.method}`\n- tensors: {len(state)}, parameters: {params:,}\n"
+        f"- config: `{json.dumps(config.model_dump(exclude_defaults=True), default=str)}`\n\n"
+        "Load with tuneforge (`tuneforge.adapters.load_adapter`) or with `peft.PeftModel.from_pretrained`.\n"
+    )
+
+
+def read_adapter_config(directory: str | Path) -> AdapterConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise AdapterError(f"{path} not found: an adapter directory needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); re-save the adapter or fix the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    spec = _method_for(data, path)
+    return spec.config_class.from_peft_dict(data, source=str(path))
+
+
+def _method_for(data: dict, path: Path):
+    if "tuneforge_method" in data:
+        return get_method(data["tuneforge_method"])
+    peft_type = data.get("peft_type")
+    spec = method_for_peft_type(peft_type) if peft_type else None
+    if spec is None:
+        raise ConfigError(f"{path}: peft_type={peft_type!r} is not a method tuneforge can load")
+    return spec
+
+
+def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        legacy = Path(directory) / "adapter_model.bin"
+        hint = " (found adapter_model.bin: re-save it as safetensors with peft)" if legacy.exists() else ""
+        raise AdapterError(f"{path} not found{hint}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{path} is corrupt or truncated ({exc}); re-save or re-copy the adapter file") from None
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str = "default", *,
+                 trainable: bool = False, activate: bool = True) -> AdapterConfig:
+    """Add the adapter stored in ``directory`` (saved by tuneforge or by peft) as ``name``."""
+    from tuneforge.adapters.model import delete_adapter
+
+    config = read_adapter_config(directory)
+    tensors = read_adapter_tensors(directory)
+    add_adapter(model, config, name, activate=activate)
+    try:
+        _fill_from_file(model, name, tensors, Path(directory) / WEIGHTS_FILE)
+    except BaseException:
+        delete_adapter(model, name)  # never leave a half-loaded adapter behind
+        raise
+    set_trainable_adapter(model, name if trainable else None)
+    return config
+
+
+def _fill_from_file(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    remaining = dict(tensors)
+    for layer_name, layer in wrapped_layers(model):
+        if name not in layer.adapters:
+            continue
+        where = f"{PREFIX}{layer_name}"
+        own = {k[len(where) + 1:]: remaining.pop(k) for k in list(remaining) if k.startswith(where + ".")
+               and not k[len(where) + 1:].startswith("base_layer.")}
+        try:
+            layer.adapters[name].load_file_tensors(own, where)
+        except AdapterError as exc:
+            raise AdapterError(f"{path}: {exc}") from None
+    for module_name, copies in saved_module_copies(model):
+        if name in copies.modules_to_save:
+            where = f"{PREFIX}{module_name}"
+            own = {k[len(where) + 1:]: remaining.pop(k) for k in list(remaining) if k.startswith(where + ".")}
+            _load_module_copy(copies.modules_to_save[name], own, where, path)
+    _load_base_layer_overrides(model, remaining, path)
+    if remaining:
+        raise AdapterError(
+            f"{path}: tensors {sorted(remaining)[:5]} match no adapted module of this model; "
+            "the adapter was made for a different base model or target_modules"
+        )
+
+
+def _load_module_copy(module: nn.Module, tensors: dict[str, torch.Tensor], where: str, path: Path) -> None:
+    own = module.state_dict()
+    for key, target in own.items():
+        if key not in tensors:
+            raise AdapterError(f"{path}: no tensor '{where}.{key}' for modules_to_save (shape {tuple(target.shape)})")
+        if tensors[key].shape != target.shape:
+            raise AdapterError(
+                f"{path}: tensor '{where}.{key}' has shape {tuple(tensors[key].shape)} in the file but "
+                f"{tuple(target.shape)} in this model: the adapter was made for a different base model"
+            )
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items() if k in own})
+
+
+def _load_base_layer_overrides(model: nn.Module, remaining: dict[str, torch.Tensor], path: Path) -> None:
+    """PEFT saves whole embedding matrices beside an embedding LoRA (``...base_layer.weight``); honour them."""
+    for key in [k for k in remaining if ".base_layer." in k]:
+        module_path, _, leaf = key[len(PREFIX):].rpartition(".")
+        target = model.get_submodule(module_path)
+        current = getattr(target, leaf)
+        if current.shape != remaining[key].shape:
+            raise AdapterError(f"{path}: '{key}' has shape {tuple(remaining[key].shape)}, model has {tuple(current.shape)}")
+        if not torch.equal(current.detach().cpu(), remaining[key].to(current.dtype)):
+            warnings.warn(f"{path}: replacing base weights '{module_path}.{leaf}' with the copy stored in the adapter")
+            with torch.no_grad():
+                current.copy_(remaining[key])
+        del remaining[key]
