@@ -57,6 +57,8 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     config = book.configs[name]
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state(model, name).items()}
     peft_config = config.to_peft_dict()
+    if any(getattr(layer.adapters[name], "transposed", False) for _, layer in wrapped_layers(model) if name in layer.adapters):
+        peft_config["fan_in_fan_out"] = True  # PEFT expects the flag for GPT-2's Conv1D layers
     peft_config.update(
         base_model_name_or_path=base_model_name or _base_model_name(model),
         task_type=_task_type(model),
