@@ -34,7 +34,7 @@ class AdapterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     method: str
-    target_modules: TargetSpec = None
+    target_modules: TargetSpec = "all-linear"
     exclude_modules: TargetSpec = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
@@ -103,8 +103,8 @@ class LoraConfig(AdapterConfig):
     """
 
     method: Literal["lora"] = "lora"
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     use_rslora: bool = False
     use_dora: bool = False

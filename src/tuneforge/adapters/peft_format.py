@@ -136,7 +136,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     tensors = read_adapter_tensors(directory)
     add_adapter(model, config, name, activate=activate)
     try:
-        _fill_from_file(model, name, tensors, Path(directory) / WEIGHTS_FILE)
+        fill_adapter_weights(model, name, tensors, Path(directory) / WEIGHTS_FILE)
     except BaseException:
         delete_adapter(model, name)  # never leave a half-loaded adapter behind
         raise
@@ -144,7 +144,12 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     return config
 
 
-def _fill_from_file(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def load_adapter_weights(model: nn.Module, directory: str | Path, name: str = "default") -> None:
+    """Overwrite the weights of the existing adapter ``name`` from a saved adapter (checkpoint resume)."""
+    fill_adapter_weights(model, name, read_adapter_tensors(directory), Path(directory) / WEIGHTS_FILE)
+
+
+def fill_adapter_weights(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
     remaining = dict(tensors)
     for layer_name, layer in wrapped_layers(model):
         if name not in layer.adapters:

@@ -1,0 +1,179 @@
+"""The ``tuneforge train`` schema. Defaults live here and nowhere else.
+
+Every problem in a config is reported at once, in the user's key names, with the allowed values and
+a "did you mean" for misspelt keys — before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuneforge.adapters.config import AdapterConfig, LoraConfig
+from tuneforge.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    train: str = Field("arithmetic", description="training data: a .jsonl/.json/.csv/.parquet file, a folder of them, or a bundled dataset name")
+    eval: str | None = Field(None, description="held-out data (same forms); for a bundled train set, defaults to its eval split")
+    format: Literal["alpaca", "sharegpt", "messages", "prompt_completion", "text"] | None = Field(
+        None, description="record format; detected from the keys when not given")
+    template: str = Field("auto", description="chat template: auto (the tokenizer's own), chatml, llama3, alpaca, plain")
+    max_seq_len: int = Field(512, gt=8, description="tokens per example (and per packed row); longer examples are truncated")
+    packing: bool = Field(True, description="pack several examples into one row (attention never crosses examples)")
+    group_by_length: bool = Field(False, description="batch similar lengths together when packing is off")
+    train_on: Literal["assistant", "all"] = Field("assistant", description="which tokens carry loss")
+    on_bad_record: Literal["error", "skip"] = Field("error", description="stop at a malformed record, or skip and count it")
+    options: dict[str, Any] = Field(default_factory=dict, description="options of a bundled dataset, e.g. {size: 2000, seed: 0, language: english}")
+    eval_size: int | None = Field(None, gt=0, description="use only the first N eval examples")
+
+
+class QuantConfig(Section):
+    bits: Literal[4, 8] = Field(4, description="4 (NF4/FP4, QLoRA) or 8 (int8 weight-only)")
+    type: Literal["nf4", "fp4", "int8"] = Field("nf4", description="codebook")
+    double_quant: bool = Field(True, description="quantize the per-block scales too (QLoRA §3)")
+    blocksize: int = Field(64, description="values per absmax block")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="dtype of the dequantized matmul")
+    skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="modules left in full precision")
+
+
+class TrainingConfig(Section):
+    epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, gt=0, description="optimizer steps to run; overrides epochs")
+    batch_size: int = Field(8, gt=0, description="rows per micro-batch")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    loraplus_ratio: float | None = Field(None, gt=0, description="LoRA+: B's learning rate is lr * ratio (paper suggests 16)")
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate schedule after warmup")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warmup steps (default: warmup_ratio of all steps)")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="warmup as a fraction of all steps")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip gradients to this norm (null: no clipping)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision of the forward pass")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    loss_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the chunked cross-entropy")
+    seed: int = Field(42, description="seed for data order, adapter init and dropout")
+    log_every: int = Field(5, gt=0, description="steps between metric lines")
+    eval_every: int | None = Field(None, gt=0, description="steps between evaluations (null: only at the end)")
+    save_every: int | None = Field(None, gt=0, description="steps between checkpoints (null: only at the end)")
+    keep_checkpoints: int = Field(2, gt=0, description="how many recent checkpoints to keep")
+    early_stopping_patience: int | None = Field(None, gt=0, description="stop after this many evals without a better eval loss")
+    eval_batch_size: int = Field(16, gt=0, description="rows per evaluation batch")
+
+
+class TrainConfig(Section):
+    model: str = Field("smollm2-135m", description="base model: an embedded name, a local HF directory, a .gguf file or a hub id")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="dtype of the base weights")
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
+    output_dir: str = Field("runs/latest", description="run directory: adapter, checkpoints, metrics, plots")
+    adapter: AdapterConfig = Field(
+        default_factory=LoraConfig,
+        description="adapter method and its settings, e.g. {method: lora, r: 16, alpha: 32, target_modules: all-linear}")
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    quantization: QuantConfig | None = Field(None, description="load the base model quantized (QLoRA)")
+
+    @field_validator("adapter", mode="before")
+    @classmethod
+    def _adapter_by_method(cls, value: Any) -> Any:
+        if isinstance(value, AdapterConfig) or not isinstance(value, dict):
+            return value
+        from tuneforge.adapters.registry import get_method
+
+        fields = dict(value)
+        spec = get_method(fields.setdefault("method", "lora"))
+        return spec.config_class(**fields)
+
+    @model_validator(mode="after")
+    def _device_spelling(self) -> "TrainConfig":
+        device = self.device
+        if device not in ("auto", "cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise ValueError(f"device={device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        return self
+
+
+def parse_train_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Validate a config dict; every problem is reported in one ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config must be a mapping of keys to values, found {type(data).__name__}")
+    try:
+        return TrainConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source} has {exc.error_count()} problem(s):\n" + "\n".join(_describe(exc, data))) from None
+    except ConfigError as exc:  # e.g. an unknown adapter method, raised inside a validator
+        raise ConfigError(f"{source}: adapter.method: {exc}") from None
+
+
+def _describe(exc: ValidationError, data: dict[str, Any]) -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not str(p).startswith("function-")]
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key{_did_you_mean(loc)}")
+        elif err["type"] in ("literal_error", "enum"):
+            lines.append(f"  {key}={err.get('input')!r}: {err['msg'].replace('Input should be', 'allowed values are')}")
+        else:
+            lines.append(f"  {key}={err.get('input')!r}: {err['msg']}")
+    return lines
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    section = section_class(loc[:-1])
+    if section is None:
+        return ""
+    known = list(section.model_fields)
+    close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.6)
+    hint = f" — did you mean '{'.'.join(loc[:-1] + [close[0]])}'?" if close else ""
+    return f"{hint} Allowed keys here: {', '.join(known)}"
+
+
+def section_class(path: list[str]) -> type[BaseModel] | None:
+    """The schema class at a dotted path (``['training']`` -> TrainingConfig)."""
+    current: type[BaseModel] = TrainConfig
+    for part in path:
+        if current is TrainConfig and part == "adapter":
+            current = LoraConfig
+            continue
+        field = current.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        candidates = getattr(annotation, "__args__", (annotation,))
+        nested = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nested is None:
+            return None
+        current = nested
+    return current
+
+
+def describe_keys() -> str:
+    """Every key with its type, default and meaning: the body of ``tuneforge train --help``."""
+    lines = []
+
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            nested = section_class([*prefix.split(".")[:-1], name] if prefix else [name]) if name != "adapter" else None
+            if nested is not None and nested is not cls and name in ("data", "training", "quantization"):
+                lines.append(f"\n{prefix}{name}:  {field.description or ''}".rstrip())
+                walk(nested, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                default = default.model_dump(exclude_defaults=True)
+            lines.append(f"  {prefix}{name} (default {default!r}): {field.description or ''}")
+
+    walk(TrainConfig, "")
+    lines.append("\nadapter.* keys of the default method (lora):")
+    for name, field in LoraConfig.model_fields.items():
+        lines.append(f"  adapter.{name} (default {field.get_default(call_default_factory=True)!r})")
+    return "\n".join(lines)
+
+
+def resolved_output_dir(config: TrainConfig) -> Path:
+    return Path(config.output_dir).expanduser()

@@ -1,0 +1,215 @@
+"""The supervised finetuning loop: one readable function, no trainer class tree.
+
+    for each optimizer step:
+        for each of grad_accum micro-batches: forward (chunked CE on labelled tokens), backward
+        clip -> optimizer.step -> scheduler.step -> log / eval / checkpoint
+
+Everything needed to continue exactly (adapter, optimizer, scheduler, RNG, data position) is in
+each checkpoint; Ctrl-C saves one and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tuneforge.adapters import add_adapter, trainable_parameters
+from tuneforge.adapters.peft_format import save_adapter
+from tuneforge.config.schema import TrainConfig
+from tuneforge.eval.loss import autocast, evaluate_loss
+from tuneforge.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from tuneforge.train.data_setup import PreparedData, prepare_data
+from tuneforge.train.loss import token_loss_sum
+from tuneforge.train.metrics import MetricsLog, plot_loss_curve
+from tuneforge.train.optim import build_optimizer, build_scheduler
+from tuneforge.train.progress import TrainProgress
+from tuneforge.train.run_dir import prepare_run_dir
+from tuneforge.train.strategy import pick_strategy, resolve_device
+
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    train_seconds: float
+    tokens_per_second: float
+    peak_memory_mb: float
+    final_train_loss: float | None
+    best_eval_loss: float | None
+    trainable_params: int
+    total_params: int
+    interrupted: bool = False
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, model_and_tokenizer=None,
+          on_step: Callable[[int, float], None] | None = None) -> RunSummary:
+    """Finetune ``config.model`` with ``config.adapter`` on ``config.data``; returns the summary.
+
+    ``model_and_tokenizer`` lets tests and benchmarks pass an already-built model.
+    """
+    run_dir = prepare_run_dir(config, resume, overwrite)
+    torch.manual_seed(config.training.seed)
+    device = resolve_device(config.device)
+    strategy = pick_strategy(device)
+    model, tokenizer = model_and_tokenizer or _load_base(config, device)
+    data = prepare_data(config, tokenizer)
+    torch.manual_seed(config.training.seed)  # adapter init must not depend on what loading consumed
+    add_adapter(model, config.adapter, ADAPTER_NAME)
+    model.to(device)
+    if config.training.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    total_steps = planned_steps(config, data)
+    optimizer = build_optimizer(model, config.training)
+    scheduler = build_scheduler(optimizer, config.training, total_steps)
+    state = TrainState()
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, ADAPTER_NAME, optimizer, scheduler)
+    log = MetricsLog(run_dir, resume_step=state.step if resume else None)
+    progress = TrainProgress(total_steps, state.step, enabled=strategy.is_main)
+    trainable, total = trainable_parameters(model)
+    progress.note(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
+                  + (f"; resuming from {checkpoint.name}" if checkpoint else ""))
+    base_name = config.model
+    interrupted = False
+    start = time.perf_counter()
+    tokens_at_start = state.tokens_seen
+    last_loss = None
+    model.train()
+    try:
+        with progress:
+            while state.step < total_steps:
+                loss, tokens = _optimizer_step(model, optimizer, scheduler, data, state, config, strategy)
+                state.step += 1
+                state.tokens_seen += tokens
+                last_loss = loss
+                elapsed = state.elapsed_seconds + time.perf_counter() - start
+                rate = (state.tokens_seen - tokens_at_start) / max(time.perf_counter() - start, 1e-9)
+                lr = scheduler.get_last_lr()[0]
+                progress.update(state.step, loss, lr, rate)
+                if on_step is not None:
+                    on_step(state.step, loss)
+                if state.step % config.training.log_every == 0 or state.step == total_steps:
+                    log.log({"step": state.step, "train_loss": loss, "lr": lr, "tokens_per_second": rate,
+                             "tokens_seen": state.tokens_seen, "elapsed_seconds": elapsed, "epoch": state.epoch})
+                if _due(config.training.eval_every, state.step) or state.step == total_steps:
+                    if _evaluate_and_check_stop(model, data, config, state, log, progress, strategy):
+                        progress.note(f"early stopping at step {state.step}: no better eval loss in "
+                                      f"{config.training.early_stopping_patience} evaluations")
+                        break
+                if _due(config.training.save_every, state.step) and state.step < total_steps:
+                    state.elapsed_seconds = elapsed
+                    save_checkpoint(run_dir, model, ADAPTER_NAME, optimizer, scheduler, state,
+                                    config.training.keep_checkpoints, base_name)
+    except KeyboardInterrupt:
+        interrupted = True
+        state.elapsed_seconds += time.perf_counter() - start
+        path = save_checkpoint(run_dir, model, ADAPTER_NAME, optimizer, scheduler, state,
+                               config.training.keep_checkpoints, base_name)
+        progress.note(f"interrupted: saved {path}; continue with --resume")
+    train_seconds = time.perf_counter() - start
+    adapter_dir = save_adapter(model, run_dir / "adapter", ADAPTER_NAME, base_model_name=base_name)
+    log.close()
+    plot_loss_curve(run_dir)
+    return RunSummary(
+        run_dir=run_dir, adapter_dir=adapter_dir, steps=state.step, train_seconds=train_seconds,
+        tokens_per_second=(state.tokens_seen - tokens_at_start) / max(train_seconds, 1e-9),
+        peak_memory_mb=peak_memory_mb(device), final_train_loss=last_loss,
+        best_eval_loss=state.best_eval_loss, trainable_params=trainable, total_params=total,
+        interrupted=interrupted,
+    )
+
+
+def _load_base(config: TrainConfig, device: torch.device):
+    from tuneforge.models import load_model
+
+    loaded = load_model(config.model, dtype=config.dtype, device=str(device))
+    return loaded.model, loaded.tokenizer
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    # With a frozen embedding the checkpointed blocks would see inputs without grad and skip
+    # backward through adapters; non-reentrant checkpointing does not have that problem.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def planned_steps(config: TrainConfig, data: PreparedData) -> int:
+    if config.training.max_steps is not None:
+        return config.training.max_steps
+    per_epoch = data.plan.num_batches / config.training.grad_accum
+    return max(1, math.ceil(per_epoch * config.training.epochs))
+
+
+def _due(every: int | None, step: int) -> bool:
+    return every is not None and step % every == 0
+
+
+def _next_batch(data: PreparedData, state: TrainState) -> tuple[dict[str, torch.Tensor], int]:
+    """The next micro-batch and its real (unpadded) token count; advances the data position."""
+    if state.batch_index >= data.plan.num_batches:
+        state.epoch += 1
+        state.batch_index = 0
+    batches = data.plan.batches(state.epoch)
+    units = batches.units[state.batch_index]
+    batch = batches[state.batch_index]
+    state.batch_index += 1
+    return batch, sum(data.plan.unit_lengths[u] for u in units)
+
+
+def _optimizer_step(model, optimizer, scheduler, data, state, config: TrainConfig, strategy) -> tuple[float, int]:
+    training = config.training
+    fetched = [_next_batch(data, state) for _ in range(training.grad_accum)]
+    micro_batches = [strategy.to_device(batch) for batch, _ in fetched]
+    tokens = sum(count for _, count in fetched)
+    # Normalise by the labelled tokens of the whole accumulated step, so accumulation equals one big batch.
+    labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    labelled = max(1, int(strategy.reduce_sum(labelled)))
+    loss_sum = 0.0
+    for batch in micro_batches:
+        with autocast(training.precision, batch["input_ids"].device):
+            batch_loss, _ = token_loss_sum(model, batch, training.loss_chunk_size)
+        (batch_loss / labelled).backward()
+        loss_sum += float(batch_loss.detach())
+    if training.max_grad_norm is not None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / labelled, tokens
+
+
+def _evaluate_and_check_stop(model, data: PreparedData, config: TrainConfig, state: TrainState,
+                             log: MetricsLog, progress, strategy) -> bool:
+    if not data.eval_batches:
+        return False
+    eval_loss = evaluate_loss(model, data.eval_batches, config.training.precision, config.training.loss_chunk_size,
+                              strategy.device)
+    log.log({"step": state.step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
+    state.history.append({"step": state.step, "eval_loss": eval_loss})
+    progress.note(f"step {state.step}: eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})")
+    if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
+        state.best_eval_loss = eval_loss
+        state.evals_without_improvement = 0
+        return False
+    state.evals_without_improvement += 1
+    patience = config.training.early_stopping_patience
+    return patience is not None and state.evals_without_improvement >= patience
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

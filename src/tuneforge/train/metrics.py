@@ -1,0 +1,80 @@
+"""What a run leaves for the user: ``metrics.jsonl``, TensorBoard events and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tuneforge.fileio import atomic_write
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss_curve.png"
+
+
+class MetricsLog:
+    """Appends one JSON object per line; on resume, drops lines from steps after the checkpoint."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None):
+        self.path = run_dir / METRICS_FILE
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in read_metrics(self.path) if line.get("step", 0) <= resume_step]
+            atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self._tensorboard = _tensorboard_writer(run_dir / "tensorboard")
+
+    def log(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            step = record.get("step", 0)
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(key.replace("_", "/", 1), value, step)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def _tensorboard_writer(directory: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but a trimmed install should still train
+        return None
+    return SummaryWriter(log_dir=str(directory))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_loss_curve(run_dir: Path) -> Path | None:
+    """Train loss (and eval loss where measured) against the optimizer step."""
+    records = read_metrics(run_dir / METRICS_FILE)
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        axis.plot(*zip(*train), label="train loss", color="#1f77b4", linewidth=1.4)
+    if evals:
+        axis.plot(*zip(*evals), label="eval loss", color="#d62728", marker="o", linewidth=1.4)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("cross-entropy (nats/token)")
+    axis.set_title(f"tuneforge run: {run_dir.name}")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    path = run_dir / PLOT_FILE
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
+    return path
