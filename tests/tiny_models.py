@@ -37,3 +37,47 @@ def perturb_trainable(model: torch.nn.Module, scale: float = 0.05, seed: int = 2
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\nYou are tiny.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TOKENIZER_CORPUS = [
+    "Hello there, how are you today? I am fine, thank you.",
+    "Tom has 3 apples and buys 4 more. How many apples does Tom have now? 7",
+    "There are 3 boxes. The key is in box 1. Move the key to box 2. Which box holds the key? box 2",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction: ### Response: system user assistant",
+]
+
+
+def build_tiny_tokenizer(chat_template: str | None = None, adds_bos: bool = False):
+    """A byte-level BPE tokenizer trained in milliseconds on a small corpus, with chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<|im_start|>", "<|im_end|>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(TOKENIZER_CORPUS * 5, trainer)
+    if adds_bos:
+        backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", backend.token_to_id("<bos>"))])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", bos_token="<bos>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def tiny_chat_model_and_tokenizer(seed: int = 0):
+    """A tiny Llama whose vocabulary fits the tiny ChatML tokenizer: for training-loop tests."""
+    tokenizer = build_tiny_tokenizer(chat_template=CHATML_TEMPLATE)
+    return tiny_llama(seed, vocab_size=len(tokenizer), hidden_size=48, num_attention_heads=4), tokenizer

@@ -23,6 +23,8 @@ class PreparedData:
 def load_split(config: TrainConfig, source: str, split: str) -> tuple[list[Example], int]:
     data = config.data
     options = dict(data.options) if source in dataset_names() else {}
+    if split == "eval":
+        options.pop("size", None)  # `size` sizes the training split; eval keeps its fixed default (trim with eval_size)
     result = load_examples(source, format=data.format, on_bad_record=data.on_bad_record, split=split, **options)
     return result.examples, result.skipped
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,25 +27,11 @@ from tuneforge.train.loss import token_loss_sum
 from tuneforge.train.metrics import MetricsLog, plot_loss_curve
 from tuneforge.train.optim import build_optimizer, build_scheduler
 from tuneforge.train.progress import TrainProgress
+from tuneforge.train.report import RunSummary, save_summary
 from tuneforge.train.run_dir import prepare_run_dir
 from tuneforge.train.strategy import pick_strategy, resolve_device
 
 ADAPTER_NAME = "default"
-
-
-@dataclass
-class RunSummary:
-    run_dir: Path
-    adapter_dir: Path
-    steps: int
-    train_seconds: float
-    tokens_per_second: float
-    peak_memory_mb: float
-    final_train_loss: float | None
-    best_eval_loss: float | None
-    trainable_params: int
-    total_params: int
-    interrupted: bool = False
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, model_and_tokenizer=None,
@@ -96,11 +80,11 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 rate = (state.tokens_seen - tokens_at_start) / max(time.perf_counter() - start, 1e-9)
                 lr = scheduler.get_last_lr()[0]
                 progress.update(state.step, loss, lr, rate)
-                if on_step is not None:
-                    on_step(state.step, loss)
                 if state.step % config.training.log_every == 0 or state.step == total_steps:
                     log.log({"step": state.step, "train_loss": loss, "lr": lr, "tokens_per_second": rate,
                              "tokens_seen": state.tokens_seen, "elapsed_seconds": elapsed, "epoch": state.epoch})
+                if on_step is not None:
+                    on_step(state.step, loss)
                 if _due(config.training.eval_every, state.step) or state.step == total_steps:
                     if _evaluate_and_check_stop(model, data, config, state, log, progress, strategy):
                         progress.note(f"early stopping at step {state.step}: no better eval loss in "
@@ -120,13 +104,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     adapter_dir = save_adapter(model, run_dir / "adapter", ADAPTER_NAME, base_model_name=base_name)
     log.close()
     plot_loss_curve(run_dir)
-    return RunSummary(
+    summary = RunSummary(
         run_dir=run_dir, adapter_dir=adapter_dir, steps=state.step, train_seconds=train_seconds,
         tokens_per_second=(state.tokens_seen - tokens_at_start) / max(train_seconds, 1e-9),
         peak_memory_mb=peak_memory_mb(device), final_train_loss=last_loss,
         best_eval_loss=state.best_eval_loss, trainable_params=trainable, total_params=total,
         interrupted=interrupted,
     )
+    save_summary(summary)
+    return summary
 
 
 def _load_base(config: TrainConfig, device: torch.device):
