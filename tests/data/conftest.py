@@ -8,45 +8,7 @@ from pathlib import Path
 
 import pytest
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\nYou are tiny.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-CORPUS = [
-    "Hello there, how are you today? I am fine, thank you.",
-    "Tom has 3 apples and buys 4 more. How many apples does Tom have now? 7",
-    "There are 3 boxes. The key is in box 1. Move the key to box 2. Which box holds the key? box 2",
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "### Instruction: ### Response: system user assistant",
-]
-
-
-def build_tiny_tokenizer(chat_template: str | None = None, adds_bos: bool = False):
-    """A byte-level BPE tokenizer trained in milliseconds on a small corpus, with chat special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<bos>", "<|im_start|>", "<|im_end|>"]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(CORPUS * 5, trainer)
-    if adds_bos:
-        backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", backend.token_to_id("<bos>"))])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<eos>",
-        pad_token="<pad>",
-        bos_token="<bos>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    tokenizer.chat_template = chat_template
-    return tokenizer
+from tiny_models import CHATML_TEMPLATE, TOKENIZER_CORPUS as CORPUS, build_tiny_tokenizer  # noqa: F401  (re-exported to tests)
 
 
 @pytest.fixture
