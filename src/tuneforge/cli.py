@@ -33,15 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tuneforge {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_train(commands)
-    _add_optional(commands, "eval", "evaluate a base model and adapters side by side",
-                  "tuneforge.eval.command", "add_eval_arguments", "run_eval")
-    _add_optional(commands, "chat", "chat with a base model (+ adapter) in the terminal",
-                  "tuneforge.serve.chat", "add_chat_arguments", "run_chat")
-    demo = commands.add_parser("demo", help="the main job: finetune smollm2-135m on a bundled task, before/after")
     from tuneforge.demo import add_demo_arguments, run_demo
+    from tuneforge.eval.command import add_eval_arguments, run_eval
+    from tuneforge.serve.chat import add_chat_arguments, run_chat
 
-    add_demo_arguments(demo)
-    demo.set_defaults(handler=run_demo)
+    _add_command(commands, "eval", "evaluate a base model and adapters side by side", add_eval_arguments, run_eval)
+    _add_command(commands, "chat", "chat with a base model (+ adapter) in the terminal", add_chat_arguments, run_chat)
+    _add_command(commands, "demo", "the main job: finetune smollm2-135m on a bundled task, before/after",
+                 add_demo_arguments, run_demo)
     return parser
 
 
@@ -60,16 +59,10 @@ def _add_train(commands) -> None:
     train.set_defaults(handler=run_train)
 
 
-def _add_optional(commands, name: str, help_text: str, module: str, add_args: str, run: str) -> None:
-    import importlib
-
-    try:
-        target = importlib.import_module(module)
-    except ImportError:
-        return
-    sub = commands.add_parser(name, help=help_text)
-    getattr(target, add_args)(sub)
-    sub.set_defaults(handler=getattr(target, run))
+def _add_command(commands, name: str, help_text: str, add_arguments, handler) -> None:
+    sub = commands.add_parser(name, help=help_text, description=help_text)
+    add_arguments(sub)
+    sub.set_defaults(handler=handler)
 
 
 def run_train(args) -> int:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tiny_models import sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import LoraConfig, add_adapter
-from tuneforge.train.loss import token_loss_sum
+from tuneforge.losses import token_loss_sum
 
 
 def reference_loss_sum(model, batch):

@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-from tuneforge.train.loss import token_loss_sum
+from tuneforge.losses import token_loss_sum
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -23,7 +23,7 @@ from tuneforge.config.schema import TrainConfig
 from tuneforge.eval.loss import autocast, evaluate_loss
 from tuneforge.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from tuneforge.train.data_setup import PreparedData, prepare_data
-from tuneforge.train.loss import token_loss_sum
+from tuneforge.losses import token_loss_sum
 from tuneforge.train.metrics import MetricsLog, plot_loss_curve
 from tuneforge.train.optim import build_optimizer, build_scheduler
 from tuneforge.train.progress import TrainProgress

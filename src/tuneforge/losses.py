@@ -1,4 +1,4 @@
-"""Chunked causal-LM cross-entropy: never materialises the full (tokens × vocab) logits.
+"""Chunked causal-LM cross-entropy, shared by training and evaluation: never materialises the full (tokens × vocab) logits.
 
 Only positions that carry a label go through the LM head, in chunks whose logits are recomputed
 in backward (activation checkpointing). For SFT with masked prompts this skips most positions, and

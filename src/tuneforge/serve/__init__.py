@@ -1,0 +1,1 @@
+"""Serving models and adapters: an interactive terminal chat (chat.py)."""

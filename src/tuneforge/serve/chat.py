@@ -1,0 +1,219 @@
+"""`tuneforge chat`: talk to a base model (plus an optional adapter) in the terminal.
+
+    tuneforge chat --adapter runs/arith/adapter
+    printf 'What is 2+3?\\n' | tuneforge chat      # piped: one answer per input line, exits at EOF
+
+The whole conversation is re-rendered with the chat template for every reply, exactly as training
+rendered it. Tokens are printed as they are generated: `generate` runs in a worker thread feeding a
+`TextIteratorStreamer`, and the main thread prints from it, so the main thread stays free to receive
+Ctrl-C. Ctrl-C then sets an event that a stopping criterion checks after each token, ending that
+reply only; the session continues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from tuneforge.adapters import load_adapter
+from tuneforge.data import TEMPLATE_NAMES, Message
+from tuneforge.errors import ConfigError
+from tuneforge.eval.command import adapter_directory
+from tuneforge.eval.generation import PromptFormat, padding_id, stop_token_ids
+from tuneforge.models import DTYPE_CHOICES, load_model
+
+DEFAULT_MODEL = "smollm2-135m"
+ADAPTER_NAME = "chat"
+HELP = "Commands: /reset starts a new conversation, /exit (or Ctrl-D) quits, /help shows this. Ctrl-C stops an answer."
+
+
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Chat with a base model, optionally with an adapter, streaming each reply. " + HELP
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"base model: embedded name, local path or hub id (default {DEFAULT_MODEL})")
+    parser.add_argument("--adapter", default=None, metavar="DIR", help="adapter directory (or a training run folder) to apply to the base model")
+    parser.add_argument("--system", default=None, metavar="TEXT", help="system message that opens the conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N", help="longest reply in tokens (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 = greedy (default 0)")
+    parser.add_argument("--template", default="auto", choices=TEMPLATE_NAMES, help="chat template (default auto: the tokenizer's)")
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES), help="dtype of the base weights (default auto)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+
+
+@dataclass(frozen=True)
+class ReplySettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens {self.max_new_tokens} must be a positive integer")
+        if self.temperature < 0:
+            raise ConfigError(f"--temperature {self.temperature} must be >= 0 (0 means greedy decoding)")
+
+    def generate_options(self) -> dict:
+        if self.temperature == 0:
+            # A checkpoint's sampling defaults (temperature, top_p) mean nothing under greedy decoding.
+            return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return dict(do_sample=True, temperature=self.temperature)
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    interrupted: bool  # Ctrl-C ended it early
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation after the current token once `event` is set (by Ctrl-C in the main thread)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def stream_reply(model: nn.Module, tokenizer, prompt_ids: list[int], settings: ReplySettings,
+                 on_text: Callable[[str], None]) -> Reply:
+    """Generate a reply to `prompt_ids`, passing each decoded piece to `on_text` as it arrives."""
+    stop_ids = stop_token_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    interrupt = threading.Event()
+    failures: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                max_new_tokens=settings.max_new_tokens, pad_token_id=padding_id(model, tokenizer, stop_ids),
+                eos_token_id=stop_ids, stopping_criteria=StoppingCriteriaList([_StopWhenSet(interrupt)]),
+                **settings.generate_options(),
+            )
+        except BaseException as error:  # re-raised in the main thread, which must not wait forever
+            failures.append(error)
+            streamer.end()
+
+    worker = threading.Thread(target=generate, name="tuneforge-chat-generate", daemon=True)
+    worker.start()
+    pieces: list[str] = []
+    try:
+        for piece in streamer:
+            pieces.append(piece)
+            on_text(piece)
+    except KeyboardInterrupt:
+        interrupt.set()
+    worker.join()
+    if failures:
+        raise failures[0]
+    return Reply("".join(pieces).strip(), interrupted=interrupt.is_set())
+
+
+@dataclass
+class ChatSession:
+    """The conversation so far and how to render it; `respond` adds one user turn and its reply."""
+
+    model: nn.Module
+    tokenizer: object
+    prompt_format: PromptFormat
+    settings: ReplySettings
+    system: str | None = None
+    history: list[Message] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.history = [Message("system", self.system)] if self.system else []
+
+    def respond(self, user_text: str, on_text: Callable[[str], None]) -> Reply:
+        self.history.append(Message("user", user_text))
+        try:
+            prompt_ids = self.prompt_format.encode(self.history, self.tokenizer)
+            reply = stream_reply(self.model, self.tokenizer, prompt_ids, self.settings, on_text)
+        except BaseException:
+            self.history.pop()  # a failed turn leaves the conversation as it was
+            raise
+        # Even a stopped reply is kept: it is what the user saw, and turns must keep alternating.
+        self.history.append(Message("assistant", reply.text))
+        return reply
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    settings = ReplySettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    adapter = adapter_directory(args.adapter, args.adapter) if args.adapter else None  # checked before the slow load
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    if adapter:
+        load_adapter(loaded.model, adapter, name=ADAPTER_NAME)
+    loaded.model.eval()
+    session = ChatSession(loaded.model, loaded.tokenizer, PromptFormat.for_tokenizer(args.template, loaded.tokenizer),
+                          settings, system=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        with_adapter = f" + {adapter}" if adapter else ""
+        print(f"Chatting with {args.model}{with_adapter}. {HELP}", file=sys.stderr)
+    return chat_loop(session, interactive)
+
+
+def chat_loop(session: ChatSession, interactive: bool) -> int:
+    """Read a line, answer it, repeat until /exit or end of input; returns the exit code."""
+    while True:
+        try:
+            line = read_user_line(interactive)
+        except KeyboardInterrupt:  # Ctrl-C at the prompt (not during an answer) leaves, like Ctrl-D
+            print(file=sys.stderr)
+            return 0
+        if line is None or line.strip() in ("/exit", "/quit"):
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            session.reset()
+            _note("(new conversation)")
+        elif text == "/help":
+            _note(HELP)
+        elif text.startswith("/") and " " not in text:
+            _note(f"Unknown command {text!r}. {HELP}")
+        else:
+            answer(session, text, interactive)
+
+
+def answer(session: ChatSession, text: str, interactive: bool) -> None:
+    if interactive:
+        sys.stdout.write("assistant> ")
+    reply = session.respond(text, on_text=_write_now)
+    sys.stdout.write("\n")
+    if reply.interrupted:
+        _note("(stopped)")
+    sys.stdout.flush()
+
+
+def read_user_line(interactive: bool) -> str | None:
+    """The next line the user typed, or None at end of input (Ctrl-D, or the end of piped stdin)."""
+    if interactive:
+        try:
+            return input("you> ")  # input() gives line editing and history on a terminal
+        except EOFError:
+            print(file=sys.stderr)
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
+def _write_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _note(message: str) -> None:
+    # Notes go to stderr, so piped stdout holds the answers alone.
+    print(message, file=sys.stderr)
