@@ -15,16 +15,18 @@ from rich.table import Table
 
 from tuneforge.config import apply_overrides, parse_train_config
 
-# LoRA on the upper layers only: backward then stops there, which roughly halves a CPU step, while
-# the answer format and the arithmetic are still learnt (measured: see docs/benchmarks.md).
+# State tracking (3 boxes, 2-4 moves, answer "box N"): SmolLM2-135M-Instruct scores 0% exact match
+# before (it explains instead of answering) and ~85% after 100 steps, about 4 minutes on 2 CPU cores.
+# LoRA sits on the upper 16 of 30 layers: backward stops there, which makes a CPU step ~1.5x cheaper
+# than all layers while the task is still learnt (measured: docs/benchmarks.md).
 DEMO_CONFIG = {
     "model": "smollm2-135m",
     "output_dir": "runs/demo",
     "adapter": {"method": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear",
                 "layers_to_transform": list(range(14, 30))},
-    "data": {"train": "arithmetic", "max_seq_len": 512, "packing": True, "eval_size": 32},
-    "training": {"max_steps": 40, "batch_size": 8, "lr": 2.0e-3, "warmup_steps": 3, "scheduler": "cosine",
-                 "log_every": 2, "eval_every": 20, "seed": 0},
+    "data": {"train": "state_tracking", "max_seq_len": 256, "packing": True, "eval_size": 32},
+    "training": {"max_steps": 100, "batch_size": 2, "lr": 1.0e-3, "warmup_steps": 5, "scheduler": "cosine",
+                 "log_every": 5, "eval_every": 50, "seed": 0},
 }
 
 
