@@ -68,7 +68,8 @@ def run_tuneforge(args) -> dict:
     config = parse_train_config({
         "output_dir": str(Path(args.workdir) / "tuneforge"), "device": args.device,
         "adapter": {"method": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
-        "data": {"train": "arithmetic", "options": {"size": len(tokenized)}, "max_seq_len": args.max_seq_len, "packing": True},
+        "data": {"train": "arithmetic", "options": {"size": len(tokenized)}, "max_seq_len": args.max_seq_len, "packing": True,
+                 "eval_size": 0},
         "training": {"max_steps": args.steps, "batch_size": rows_per_step, "lr": 1e-4, "warmup_steps": 0,
                      "scheduler": "constant", "max_grad_norm": 1.0, "log_every": 1, "precision": args.precision},
     })
@@ -135,7 +136,7 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2-135m,llama-0.5b-random")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--examples-per-step", type=int, default=16)
-    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--workdir", default="/tmp/tuneforge-bench")

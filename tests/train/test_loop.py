@@ -75,7 +75,7 @@ def test_run_directory_artefacts(tmp_path):
         assert (run_dir / name).exists(), name
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 3, 6]
     assert summary.best_eval_loss == min(r["eval_loss"] for r in records if "eval_loss" in r)
     assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary.tokens_per_second > 0 and summary.peak_memory_mb > 0

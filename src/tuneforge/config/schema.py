@@ -32,7 +32,7 @@ class DataConfig(Section):
     train_on: Literal["assistant", "all"] = Field("assistant", description="which tokens carry loss")
     on_bad_record: Literal["error", "skip"] = Field("error", description="stop at a malformed record, or skip and count it")
     options: dict[str, Any] = Field(default_factory=dict, description="options of a bundled dataset, e.g. {size: 2000, seed: 0, language: english}")
-    eval_size: int | None = Field(None, gt=0, description="use only the first N eval examples")
+    eval_size: int | None = Field(None, ge=0, description="use only the first N eval examples (0: no evaluation)")
 
 
 class QuantConfig(Section):

@@ -48,7 +48,7 @@ def prepare_data(config: TrainConfig, tokenizer, mask_dtype: torch.dtype = torch
                      seed=config.training.seed, pad_id=pad_id, mask_dtype=mask_dtype)
     eval_examples: list[Example] = []
     eval_batches: list[dict[str, torch.Tensor]] = []
-    held_out = eval_source(config)
+    held_out = eval_source(config) if data.eval_size != 0 else None
     if held_out is not None:
         eval_examples, _ = load_split(config, *held_out)
         eval_examples = eval_examples[: data.eval_size] if data.eval_size else eval_examples

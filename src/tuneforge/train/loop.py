@@ -68,19 +68,25 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     start = time.perf_counter()
     tokens_at_start = state.tokens_seen
     last_loss = None
+    step_seconds = 0.0
     model.train()
+    if state.step == 0:  # the starting point of the eval curve
+        _evaluate_and_check_stop(model, data, config, state, log, progress, strategy)
     try:
         with progress:
             while state.step < total_steps:
+                step_start = time.perf_counter()
                 loss, tokens = _optimizer_step(model, optimizer, scheduler, data, state, config, strategy)
+                step_seconds += time.perf_counter() - step_start
                 state.step += 1
                 state.tokens_seen += tokens
                 last_loss = loss
                 elapsed = state.elapsed_seconds + time.perf_counter() - start
-                rate = (state.tokens_seen - tokens_at_start) / max(time.perf_counter() - start, 1e-9)
+                # Throughput of the optimizer steps alone: evaluation and checkpoint time excluded.
+                rate = (state.tokens_seen - tokens_at_start) / max(step_seconds, 1e-9)
                 lr = scheduler.get_last_lr()[0]
                 progress.update(state.step, loss, lr, rate)
-                if state.step % config.training.log_every == 0 or state.step == total_steps:
+                if state.step % config.training.log_every == 0 or state.step in (1, total_steps):
                     log.log({"step": state.step, "train_loss": loss, "lr": lr, "tokens_per_second": rate,
                              "tokens_seen": state.tokens_seen, "elapsed_seconds": elapsed, "epoch": state.epoch})
                 if on_step is not None:
@@ -106,7 +112,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     plot_loss_curve(run_dir)
     summary = RunSummary(
         run_dir=run_dir, adapter_dir=adapter_dir, steps=state.step, train_seconds=train_seconds,
-        tokens_per_second=(state.tokens_seen - tokens_at_start) / max(train_seconds, 1e-9),
+        tokens_per_second=(state.tokens_seen - tokens_at_start) / max(step_seconds, 1e-9),
         peak_memory_mb=peak_memory_mb(device), final_train_loss=last_loss,
         best_eval_loss=state.best_eval_loss, trainable_params=trainable, total_params=total,
         interrupted=interrupted,
