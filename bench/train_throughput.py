@@ -6,10 +6,11 @@ same examples, SmolLM2's chat template, loss on answers only), the same optimize
 batch size (in examples per step) and number of steps. Each side runs in its own child process so
 that its peak memory (max RSS on CPU, max allocated on CUDA) is its own; the parent reports ratios.
 
-    python bench/train_throughput.py                 # both models, 6 steps each
+    python bench/train_throughput.py                 # both models, 8 steps each (step 1 not timed)
     python bench/train_throughput.py --models smollm2-135m --steps 4 --examples-per-step 16
 
-Tokens/s counts the real (unpadded) tokens of the examples processed, identically for both sides.
+Tokens/s counts the real (unpadded) tokens of the examples processed, identically for both sides, over
+steps 2..N (step 1 holds allocator warm-up and, for the compiled run, the ~1 minute compilation).
 """
 
 from __future__ import annotations
@@ -55,46 +56,58 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_tuneforge(args) -> dict:
+def steady_rate(timestamps: list[float], tokens: list[int]) -> tuple[float, float]:
+    """(tokens/s, seconds) over steps 2..N: step 1 (allocator warm-up, compilation) is excluded for both sides."""
+    seconds = timestamps[-1] - timestamps[0]
+    return sum(tokens[1:]) / seconds, seconds
+
+
+def run_tuneforge(args, compile_layers: bool) -> dict:
     from tuneforge.config import parse_train_config
     from tuneforge.train import train
+    from tuneforge.train.metrics import read_metrics
 
     model, tokenizer = build_model(args.model)
     tokenized = training_examples(tokenizer, args.steps * args.examples_per_step, args.max_seq_len)
-    tokens = sum(len(t) for t in tokenized)
-    # Packed rows of max_seq_len hold ~examples_per_step examples per step in total.
-    mean_len = tokens / len(tokenized)
+    mean_len = sum(len(t) for t in tokenized) / len(tokenized)
+    # Packed rows of max_seq_len holding ~examples_per_step examples per step in total.
     rows_per_step = max(1, round(args.examples_per_step * mean_len / args.max_seq_len))
+    run_dir = Path(args.workdir) / ("tuneforge-compiled" if compile_layers else "tuneforge")
     config = parse_train_config({
-        "output_dir": str(Path(args.workdir) / "tuneforge"), "device": args.device,
+        "output_dir": str(run_dir), "device": args.device,
         "adapter": {"method": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
-        "data": {"train": "arithmetic", "options": {"size": len(tokenized)}, "max_seq_len": args.max_seq_len, "packing": True,
-                 "eval_size": 0},
+        "data": {"train": "arithmetic", "options": {"size": len(tokenized)}, "max_seq_len": args.max_seq_len,
+                 "packing": True, "eval_size": 0},
         "training": {"max_steps": args.steps, "batch_size": rows_per_step, "lr": 1e-4, "warmup_steps": 0,
-                     "scheduler": "constant", "max_grad_norm": 1.0, "log_every": 1, "precision": args.precision},
+                     "scheduler": "constant", "max_grad_norm": 1.0, "log_every": 1, "precision": args.precision,
+                     "compile": compile_layers},
     })
-    summary = train(config, overwrite=True, model_and_tokenizer=(model, tokenizer))
-    return {"tokens_per_second": summary.tokens_per_second, "peak_memory_mb": peak_memory_mb(args.device),
-            "seconds": summary.train_seconds, "steps": summary.steps}
+    stamps = []
+    train(config, overwrite=True, model_and_tokenizer=(model, tokenizer), on_step=lambda s, l: stamps.append(time.perf_counter()))
+    seen = [r["tokens_seen"] for r in read_metrics(run_dir / "metrics.jsonl") if "tokens_seen" in r]
+    per_step = [seen[0]] + [b - a for a, b in zip(seen, seen[1:])]
+    rate, seconds = steady_rate(stamps, per_step)
+    return {"tokens_per_second": rate, "peak_memory_mb": peak_memory_mb(args.device), "seconds": seconds, "steps": len(stamps)}
 
 
 def run_peer(args) -> dict:
     import peft
-    import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     model, tokenizer = build_model(args.model)
     tokenized = training_examples(tokenizer, args.steps * args.examples_per_step, args.max_seq_len)
     records = [{"input_ids": t.input_ids, "labels": t.labels, "attention_mask": [1] * len(t)} for t in tokenized]
     model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    timer = {}
+    collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    batch_tokens, stamps = [], []
 
-    class StepTimer(TrainerCallback):  # time only the steps, as tuneforge's summary does
-        def on_step_begin(self, a, state, control, **kw):
-            timer.setdefault("start", time.perf_counter())
+    def counting_collator(features):  # real (unpadded) tokens of each batch, as tuneforge counts them
+        batch_tokens.append(sum(len(f["input_ids"]) for f in features))
+        return collate(features)
 
-        def on_train_end(self, a, state, control, **kw):
-            timer["end"] = time.perf_counter()
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            stamps.append(time.perf_counter())
 
     training_args = TrainingArguments(
         output_dir=str(Path(args.workdir) / "peer"), per_device_train_batch_size=args.examples_per_step,
@@ -102,21 +115,20 @@ def run_peer(args) -> dict:
         max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
         use_cpu=args.device == "cpu", bf16=args.precision == "bf16", dataloader_num_workers=0, seed=0,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=records,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-                      callbacks=[StepTimer()])
-    trainer.train()
-    seconds = timer["end"] - timer["start"]
-    tokens = sum(len(r["input_ids"]) for r in records[: args.steps * args.examples_per_step])
-    return {"tokens_per_second": tokens / seconds, "peak_memory_mb": peak_memory_mb(args.device),
-            "seconds": seconds, "steps": args.steps}
+    Trainer(model=model, args=training_args, train_dataset=records, data_collator=counting_collator,
+            callbacks=[StepTimer()]).train()
+    rate, seconds = steady_rate(stamps, batch_tokens[: len(stamps)])
+    return {"tokens_per_second": rate, "peak_memory_mb": peak_memory_mb(args.device), "seconds": seconds, "steps": len(stamps)}
 
 
 def child_main(args) -> None:
     import torch
 
     torch.manual_seed(0)
-    result = run_tuneforge(args) if args.side == "tuneforge" else run_peer(args)
+    if args.side == "peer":
+        result = run_peer(args)
+    else:
+        result = run_tuneforge(args, compile_layers=args.side == "tuneforge-compiled")
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -134,13 +146,14 @@ def run_child(side: str, model: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2-135m,llama-0.5b-random")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--examples-per-step", type=int, default=16)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--workdir", default="/tmp/tuneforge-bench")
-    parser.add_argument("--child", choices=["tuneforge", "peer"])
+    parser.add_argument("--child", choices=["tuneforge", "tuneforge-compiled", "peer"])
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled tuneforge run")
     parser.add_argument("--output", help="also write the results as JSON here")
     args = parser.parse_args()
     if args.child:
@@ -149,15 +162,18 @@ def main() -> None:
         return
     rows = []
     for model in args.models.split(","):
-        ours = run_child("tuneforge", model, args)
-        theirs = run_child("peer", model, args)
-        rows.append({"model": model, "tuneforge": ours, "peer": theirs,
-                     "speedup": ours["tokens_per_second"] / theirs["tokens_per_second"],
-                     "memory_ratio": ours["peak_memory_mb"] / theirs["peak_memory_mb"]})
-    print(f"\n| model | tuneforge tok/s | peer tok/s | speed ratio | tuneforge peak MiB | peer peak MiB | memory ratio |")
-    print("|---|---|---|---|---|---|---|")
+        results = {"tuneforge": run_child("tuneforge", model, args)}
+        if not args.no_compile:
+            results["tuneforge-compiled"] = run_child("tuneforge-compiled", model, args)
+        peer = run_child("peer", model, args)
+        for side, ours in results.items():
+            rows.append({"model": model, "side": side, "tuneforge": ours, "peer": peer,
+                         "speedup": ours["tokens_per_second"] / peer["tokens_per_second"],
+                         "memory_ratio": ours["peak_memory_mb"] / peer["peak_memory_mb"]})
+    print("\n| model | tuneforge | tuneforge tok/s | peer tok/s | speed ratio | tuneforge peak MiB | peer peak MiB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['tuneforge']['tokens_per_second']:.1f} | {r['peer']['tokens_per_second']:.1f} | "
+        print(f"| {r['model']} | {r['side']} | {r['tuneforge']['tokens_per_second']:.1f} | {r['peer']['tokens_per_second']:.1f} | "
               f"{r['speedup']:.2f}x | {r['tuneforge']['peak_memory_mb']:.0f} | {r['peer']['peak_memory_mb']:.0f} | "
               f"{r['memory_ratio']:.2f}x |")
     if args.output:

@@ -112,3 +112,13 @@ def test_gradient_checkpointing_and_bf16_train_the_adapter(tmp_path):
     tensors = load_file(str(summary.adapter_dir / "adapter_model.safetensors"))
     b_norm = sum(float(t.abs().sum()) for k, t in tensors.items() if "lora_B" in k)
     assert b_norm > 0, "no gradient reached the adapters through checkpointed layers"
+
+
+def test_compiled_layers_take_the_same_steps_as_eager(tmp_path):
+    eager_cfg = config(tmp_path, "eager", max_steps=3, save_every=None)
+    eager_cfg.adapter.dropout = 0.0
+    compiled_cfg = config(tmp_path, "compiled", max_steps=3, save_every=None, compile=True)
+    compiled_cfg.adapter.dropout = 0.0
+    _, eager = run(eager_cfg)
+    _, compiled = run(compiled_cfg)
+    assert compiled == pytest.approx(eager, rel=1e-4)

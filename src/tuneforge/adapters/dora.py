@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tuneforge.adapters.layer import _write_weight
-from tuneforge.adapters.lora import LoraLinear
+from tuneforge.adapters.lora import LoraLinear, refuse_quantized_merge
 
 
 class DoraLinear(LoraLinear):
@@ -55,6 +55,7 @@ class DoraLinear(LoraLinear):
         return delta.T if self.transposed else delta
 
     def merge(self, base_layer, safe):
+        refuse_quantized_merge(base_layer)
         with torch.no_grad():
             norm = self._adapted_weight_norm(base_layer)
             merged = base_layer.weight.data + self.delta_weight(base_layer).to(base_layer.weight.dtype)

@@ -17,6 +17,7 @@ from torch import nn
 from tuneforge.adapters.config import LoraConfig
 from tuneforge.adapters.layer import LayerAdapter
 from tuneforge.errors import AdapterError
+from tuneforge.quant.linear import QuantLinear
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -27,7 +28,7 @@ def weight_shape(base_layer: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a Linear, Conv1D (weight stored transposed) or Embedding."""
     if isinstance(base_layer, nn.Embedding):
         return base_layer.num_embeddings, base_layer.embedding_dim
-    if isinstance(base_layer, nn.Linear):
+    if isinstance(base_layer, (nn.Linear, QuantLinear)):
         return base_layer.in_features, base_layer.out_features
     rows, cols = base_layer.weight.shape  # transformers Conv1D: (in, out)
     return rows, cols
@@ -35,7 +36,18 @@ def weight_shape(base_layer: nn.Module) -> tuple[int, int]:
 
 def is_transposed(base_layer: nn.Module) -> bool:
     """GPT-2's Conv1D stores W as (in, out) — PEFT's ``fan_in_fan_out``."""
-    return not isinstance(base_layer, (nn.Linear, nn.Embedding))
+    return not isinstance(base_layer, (nn.Linear, QuantLinear, nn.Embedding))
+
+
+def refuse_quantized_merge(base_layer: nn.Module) -> None:
+    """A QuantLinear's ``weight`` is dequantized on demand: writing W + ΔW into it would be lost."""
+    if isinstance(base_layer, QuantLinear):
+        raise AdapterError(
+            f"cannot merge an adapter into a quantized base layer ({base_layer.quant_type}): its weight is "
+            "stored as packed codes, and merging would have to requantize W + ΔW, losing most of what the "
+            "adapter learned. Keep the adapter unmerged (it trains and runs on the quantized base), or export "
+            "a merged model by dequantize-merge: load the base in full precision, then merge the adapter."
+        )
 
 
 def check_rank(r: int, in_features: int, out_features: int, module_name: str) -> None:
@@ -72,6 +84,10 @@ class LoraLinear(LayerAdapter):
 
     def transform_output(self, x, out, base_layer):
         return out + self.lora_output(x).to(out.dtype)
+
+    def merge(self, base_layer, safe):
+        refuse_quantized_merge(base_layer)
+        super().merge(base_layer, safe)
 
     def delta_weight(self, base_layer) -> torch.Tensor:
         delta = (self.lora_B @ self.lora_A) * self.scaling  # (out, in)

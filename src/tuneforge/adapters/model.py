@@ -7,6 +7,7 @@ and the active names); these functions are the only way to change it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -75,15 +76,19 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
         param.requires_grad_(False)
     for target, layer_adapter in new_layers.items():
         wrapper = _wrap(model, target)
-        base = wrapper.base_layer.weight
         # New modules follow the model's train/eval mode (dropout must stay off in eval).
-        wrapper.adapters[name] = layer_adapter.to(device=base.device).train(wrapper.base_layer.training)
+        wrapper.adapters[name] = layer_adapter.to(device=_device_of(wrapper.base_layer)).train(wrapper.base_layer.training)
     _add_saved_copies(model, config, name)
     book.configs[name] = config
     if activate:
         set_active_adapters(model, [name])
     set_trainable_adapter(model, name)
     return targets
+
+
+def _device_of(module: nn.Module):
+    """Device of a layer's tensors, without touching ``.weight`` (a quantized layer would dequantize it)."""
+    return next(itertools.chain(module.parameters(), module.buffers())).device
 
 
 def _base_of(module: nn.Module) -> nn.Module:

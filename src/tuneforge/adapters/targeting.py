@@ -16,18 +16,20 @@ from torch import nn
 
 from tuneforge.adapters.config import AdapterConfig, TargetSpec
 from tuneforge.errors import AdapterError
+from tuneforge.quant.linear import QuantLinear
 
 ALL_LINEAR = "all-linear"
 DEFAULT_LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
 
 
 def linear_layer_types() -> tuple[type[nn.Module], ...]:
-    """Linear layers, including GPT-2's transposed ``Conv1D`` when transformers is installed."""
+    """Linear layers: nn.Linear, 4/8-bit ``QuantLinear``, and GPT-2's transposed ``Conv1D`` when
+    transformers is installed."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # model-agnostic core: transformers is optional here
-        return (nn.Linear,)
-    return (nn.Linear, Conv1D)
+        return (nn.Linear, QuantLinear)
+    return (nn.Linear, Conv1D, QuantLinear)
 
 
 def name_matches(spec: TargetSpec, name: str) -> bool:

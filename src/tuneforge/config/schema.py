@@ -58,6 +58,7 @@ class TrainingConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip gradients to this norm (null: no clipping)")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision of the forward pass")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    compile: bool = Field(False, description="torch.compile the decoder layers (~1 min once; faster steps on long runs)")
     loss_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the chunked cross-entropy")
     seed: int = Field(42, description="seed for data order, adapter init and dropout")
     log_every: int = Field(5, gt=0, description="steps between metric lines")

@@ -22,6 +22,7 @@ from tuneforge.adapters.peft_format import save_adapter
 from tuneforge.config.schema import TrainConfig
 from tuneforge.eval.loss import autocast, evaluate_loss
 from tuneforge.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from tuneforge.train.compile import compile_decoder_layers, eager_only
 from tuneforge.train.data_setup import PreparedData, prepare_data
 from tuneforge.losses import token_loss_sum
 from tuneforge.train.metrics import MetricsLog, plot_loss_curve
@@ -51,6 +52,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     model.to(device)
     if config.training.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
+    if config.training.compile:
+        compile_decoder_layers(model)
     total_steps = planned_steps(config, data)
     optimizer = build_optimizer(model, config.training)
     scheduler = build_scheduler(optimizer, config.training, total_steps)
@@ -131,7 +134,10 @@ def _load_base(config: TrainConfig, device: torch.device):
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
     # With a frozen embedding the checkpointed blocks would see inputs without grad and skip
     # backward through adapters; non-reentrant checkpointing does not have that problem.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x spelling
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 
 
@@ -185,8 +191,9 @@ def _evaluate_and_check_stop(model, data: PreparedData, config: TrainConfig, sta
                              log: MetricsLog, progress, strategy) -> bool:
     if not data.eval_batches:
         return False
-    eval_loss = evaluate_loss(model, data.eval_batches, config.training.precision, config.training.loss_chunk_size,
-                              strategy.device)
+    with eager_only():
+        eval_loss = evaluate_loss(model, data.eval_batches, config.training.precision,
+                                  config.training.loss_chunk_size, strategy.device)
     log.log({"step": state.step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
     state.history.append({"step": state.step, "eval_loss": eval_loss})
     progress.note(f"step {state.step}: eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})")
