@@ -69,7 +69,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     base_name = config.model
     interrupted = False
     start = time.perf_counter()
+    elapsed_before = state.elapsed_seconds
     tokens_at_start = state.tokens_seen
+    position = (state.epoch, state.batch_index)  # data position before the step in progress
     last_loss = None
     step_seconds = 0.0
     model.train()
@@ -79,12 +81,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         with progress:
             while state.step < total_steps:
                 step_start = time.perf_counter()
+                position = (state.epoch, state.batch_index)
                 loss, tokens = _optimizer_step(model, optimizer, scheduler, data, state, config, strategy)
                 step_seconds += time.perf_counter() - step_start
                 state.step += 1
+                position = (state.epoch, state.batch_index)
                 state.tokens_seen += tokens
                 last_loss = loss
-                elapsed = state.elapsed_seconds + time.perf_counter() - start
+                elapsed = elapsed_before + time.perf_counter() - start
                 # Throughput of the optimizer steps alone: evaluation and checkpoint time excluded.
                 rate = (state.tokens_seen - tokens_at_start) / max(step_seconds, 1e-9)
                 lr = scheduler.get_last_lr()[0]
@@ -105,7 +109,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                                     config.training.keep_checkpoints, base_name)
     except KeyboardInterrupt:
         interrupted = True
-        state.elapsed_seconds += time.perf_counter() - start
+        # A step cut short mid-accumulation is redone on resume: rewind to the data it started from.
+        state.epoch, state.batch_index = position
+        optimizer.zero_grad(set_to_none=True)
+        state.elapsed_seconds = elapsed_before + time.perf_counter() - start
         path = save_checkpoint(run_dir, model, ADAPTER_NAME, optimizer, scheduler, state,
                                config.training.keep_checkpoints, base_name)
         progress.note(f"interrupted: saved {path}; continue with --resume")
