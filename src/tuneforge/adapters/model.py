@@ -18,7 +18,7 @@ from tuneforge.adapters.config import AdapterConfig
 from tuneforge.adapters.layer import AdaptedLayer
 from tuneforge.adapters.registry import get_method
 from tuneforge.adapters.saved_modules import SavedModuleCopies
-from tuneforge.adapters.targeting import name_matches
+from tuneforge.adapters.targeting import name_matches, select_targets
 from tuneforge.errors import AdapterError
 
 BOOK_ATTRIBUTE = "tuneforge_adapters"
@@ -67,8 +67,6 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     if name in book.configs:
         raise AdapterError(f"model already has an adapter named '{name}'; delete_adapter(model, '{name}') first or pick another name")
     method = get_method(config.method)
-    from tuneforge.adapters.targeting import select_targets
-
     targets = select_targets(model, config, method.supported_layers())
     _check_saved_targets(model, config)
     new_layers = {target: method.build(_base_of(model.get_submodule(target)), config, target) for target in targets}

@@ -20,6 +20,7 @@ from tuneforge.adapters.config import AdapterConfig
 from tuneforge.adapters.model import (
     add_adapter,
     adapter_book,
+    delete_adapter,
     saved_module_copies,
     set_trainable_adapter,
     wrapped_layers,
@@ -130,8 +131,6 @@ def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default", *,
                  trainable: bool = False, activate: bool = True) -> AdapterConfig:
     """Add the adapter stored in ``directory`` (saved by tuneforge or by peft) as ``name``."""
-    from tuneforge.adapters.model import delete_adapter
-
     config = read_adapter_config(directory)
     tensors = read_adapter_tensors(directory)
     add_adapter(model, config, name, activate=activate)

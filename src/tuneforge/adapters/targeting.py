@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from torch import nn
 
 from tuneforge.adapters.config import AdapterConfig, TargetSpec
+from tuneforge.adapters.layer import AdaptedLayer
+from tuneforge.adapters.saved_modules import SavedModuleCopies
 from tuneforge.errors import AdapterError
 from tuneforge.quant.linear import QuantLinear
 
@@ -50,9 +52,6 @@ def layer_index(name: str, patterns: Iterable[str]) -> int | None:
 
 def candidate_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """Named modules, skipping what lives inside an adapter wrapper (its base layer, its adapters)."""
-    from tuneforge.adapters.layer import AdaptedLayer  # cycle: the wrapper imports targeting helpers
-    from tuneforge.adapters.saved_modules import SavedModuleCopies
-
     inside: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in inside):
@@ -73,8 +72,6 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[type[nn.Module], ...]) -> list[str]:
     """Names of the modules ``config`` targets; an error that lists what exists when nothing matches."""
-    from tuneforge.adapters.layer import AdaptedLayer
-
     if config.target_modules is None:
         raise AdapterError(
             f"{config.method}: target_modules is not set. Give module names (e.g. ['q_proj', 'v_proj']), "
