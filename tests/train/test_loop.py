@@ -122,3 +122,21 @@ def test_compiled_layers_take_the_same_steps_as_eager(tmp_path):
     _, eager = run(eager_cfg)
     _, compiled = run(compiled_cfg)
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_qlora_training_quantizes_the_base_and_trains_the_adapter(tmp_path):
+    from tuneforge.quant import QuantLinear
+
+    cfg = config(tmp_path, max_steps=8, lr=2e-2, eval_every=8, save_every=None)
+    cfg.quantization = {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    model, tokenizer = tiny_chat_model_and_tokenizer()
+    summary = train(cfg, model_and_tokenizer=(model, tokenizer))
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
+    records = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert evals[-1] < evals[0]
+
+
+def test_bad_quantization_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="quantization.type='nf5'"):
+        parse_train_config({"quantization": {"type": "nf5"}})

@@ -47,6 +47,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     strategy = pick_strategy(device)
     model, tokenizer = model_and_tokenizer or _load_base(config, device)
     data = prepare_data(config, tokenizer)
+    if config.quantization is not None:
+        _quantize_base(model, config)
     torch.manual_seed(config.training.seed)  # adapter init must not depend on what loading consumed
     add_adapter(model, config.adapter, ADAPTER_NAME)
     model.to(device)
@@ -136,6 +138,16 @@ def _load_base(config: TrainConfig, device: torch.device):
 
     loaded = load_model(config.model, dtype=config.dtype, device=str(device))
     return loaded.model, loaded.tokenizer
+
+
+def _quantize_base(model: nn.Module, config: TrainConfig) -> None:
+    """QLoRA: the frozen base's Linear layers become 4-bit (or int8) before the adapter is added."""
+    from tuneforge.quant import quantize_model
+
+    quant = config.quantization
+    quantize_model(model, bits=quant.bits, quant_type=quant.type, double_quant=quant.double_quant,
+                   blocksize=quant.blocksize, compute_dtype=getattr(torch, quant.compute_dtype),
+                   skip_modules=quant.skip_modules)
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
