@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2-135m,llama-0.5b-random")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--examples-per-step", type=int, default=16)
-    parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--max-seq-len", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--workdir", default="/tmp/tuneforge-bench")
