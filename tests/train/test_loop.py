@@ -34,9 +34,6 @@ def run(cfg, **kwargs):
 def test_resume_matches_uninterrupted_run(tmp_path):
     _, full = run(config(tmp_path, "full"))
 
-    class Stop(Exception):
-        pass
-
     def stop_after_four(step, loss):
         if step == 4:
             raise KeyboardInterrupt  # what Ctrl-C raises

@@ -141,16 +141,6 @@ class BatchPlan:
         return 1.0 - real / padded
 
 
-def build_batches(
-    tokenized: Sequence[TokenizedExample],
-    batch_size: int,
-    packing: bool = False,
-    max_seq_len: int | None = None,
-    group_by_length: bool = False,
-    seed: int = 0,
-    epoch: int = 0,
-    **plan_options,
-) -> EpochBatches:
-    """The batches of one epoch; shorthand for `BatchPlan(...).batches(epoch)`."""
-    plan = BatchPlan(tokenized, batch_size, packing=packing, max_seq_len=max_seq_len, group_by_length=group_by_length, seed=seed, **plan_options)
-    return plan.batches(epoch)
+def build_batches(tokenized: Sequence[TokenizedExample], batch_size: int, epoch: int = 0, **plan_options) -> EpochBatches:
+    """The batches of one epoch; shorthand for `BatchPlan(tokenized, batch_size, **plan_options).batches(epoch)`."""
+    return BatchPlan(tokenized, batch_size, **plan_options).batches(epoch)
