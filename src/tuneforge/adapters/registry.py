@@ -24,6 +24,8 @@ class MethodSpec:
     config_class: type[AdapterConfig]
     supported_layers: Callable[[], tuple[type[nn.Module], ...]]
     build: Callable[[nn.Module, AdapterConfig, str], nn.Module] | None = None
+    # Optional training-time hooks (see hooks.py): (model, adapter name, config) -> TrainingHooks | None.
+    hooks: Callable[[nn.Module, str, AdapterConfig], object] | None = None
     description: str = ""
     aliases: tuple[str, ...] = field(default_factory=tuple)
 

@@ -60,6 +60,8 @@ class TrainingConfig(Section):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     compile: bool = Field(False, description="torch.compile the decoder layers (~1 min once; faster steps on long runs)")
     loss_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the chunked cross-entropy")
+    init_batches: int = Field(4, gt=0, description="training batches shown to data-driven adapter inits "
+                                                   "(CorDA, EVA, LoRA-GA) before training")
     seed: int = Field(42, description="seed for data order, adapter init and dropout")
     log_every: int = Field(5, gt=0, description="steps between metric lines")
     eval_every: int | None = Field(None, gt=0, description="steps between evaluations (null: only at the end)")

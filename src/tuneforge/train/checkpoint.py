@@ -53,7 +53,7 @@ def restore_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, adapter_name: str, optimizer, scheduler,
-                    state: TrainState, keep: int, base_model_name: str | None = None) -> Path:
+                    state: TrainState, keep: int, base_model_name: str | None = None, hooks=None) -> Path:
     root = run_dir / CHECKPOINTS
     final = root / f"step-{state.step:07d}"
     tmp = root / f".tmp-step-{state.step:07d}-{os.getpid()}"
@@ -64,6 +64,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, adapter_name: str, optimize
         "scheduler": scheduler.state_dict(),
         "rng": rng_states(),
         "state": asdict(state),
+        "hooks": hooks.state_dict() if hooks is not None else {},
     }, tmp / STATE_FILE)
     if final.exists():
         shutil.rmtree(final)
@@ -90,7 +91,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, adapter_name: str, optimizer, scheduler) -> TrainState:
+def load_checkpoint(path: Path, model: nn.Module, adapter_name: str, optimizer, scheduler, hooks=None) -> TrainState:
     try:
         saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
@@ -99,4 +100,6 @@ def load_checkpoint(path: Path, model: nn.Module, adapter_name: str, optimizer, 
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     restore_rng_states(saved["rng"])
+    if hooks is not None:
+        hooks.load_state_dict(saved.get("hooks", {}))
     return TrainState(**saved["state"])

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tuneforge.adapters import add_adapter, trainable_parameters
+from tuneforge.adapters.hooks import HookChain, training_hooks
 from tuneforge.adapters.peft_format import save_adapter
 from tuneforge.config.schema import TrainConfig
 from tuneforge.eval.loss import autocast, evaluate_loss
@@ -52,6 +53,10 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     torch.manual_seed(config.training.seed)  # adapter init must not depend on what loading consumed
     add_adapter(model, config.adapter, ADAPTER_NAME)
     model.to(device)
+    hooks = training_hooks(model, ADAPTER_NAME)
+    if hooks.needs_data():
+        hooks.prepare(model, _init_batches(data, strategy, config.training.init_batches),
+                      lambda m, batch: _mean_token_loss(m, batch, config.training))
     if config.training.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     if config.training.compile:
@@ -62,7 +67,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     state = TrainState()
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, ADAPTER_NAME, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, model, ADAPTER_NAME, optimizer, scheduler, hooks)
     log = MetricsLog(run_dir, resume_step=state.step if resume else None)
     progress = TrainProgress(total_steps, state.step, enabled=strategy.is_main)
     trainable, total = trainable_parameters(model)
@@ -84,7 +89,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             while state.step < total_steps:
                 step_start = time.perf_counter()
                 position = (state.epoch, state.batch_index)
-                loss, tokens = _optimizer_step(model, optimizer, scheduler, data, state, config, strategy)
+                loss, tokens = _optimizer_step(model, optimizer, scheduler, data, state, config, strategy,
+                                               hooks, total_steps)
                 step_seconds += time.perf_counter() - step_start
                 state.step += 1
                 position = (state.epoch, state.batch_index)
@@ -108,7 +114,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 if _due(config.training.save_every, state.step) and state.step < total_steps:
                     state.elapsed_seconds = elapsed
                     save_checkpoint(run_dir, model, ADAPTER_NAME, optimizer, scheduler, state,
-                                    config.training.keep_checkpoints, base_name)
+                                    config.training.keep_checkpoints, base_name, hooks)
     except KeyboardInterrupt:
         interrupted = True
         # A step cut short mid-accumulation is redone on resume: rewind to the data it started from.
@@ -116,7 +122,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         optimizer.zero_grad(set_to_none=True)
         state.elapsed_seconds = elapsed_before + time.perf_counter() - start
         path = save_checkpoint(run_dir, model, ADAPTER_NAME, optimizer, scheduler, state,
-                               config.training.keep_checkpoints, base_name)
+                               config.training.keep_checkpoints, base_name, hooks)
         progress.note(f"interrupted: saved {path}; continue with --resume")
     train_seconds = time.perf_counter() - start
     adapter_dir = save_adapter(model, run_dir / "adapter", ADAPTER_NAME, base_model_name=base_name)
@@ -183,7 +189,20 @@ def _next_batch(data: PreparedData, state: TrainState) -> tuple[dict[str, torch.
     return batch, sum(data.plan.unit_lengths[u] for u in units)
 
 
-def _optimizer_step(model, optimizer, scheduler, data, state, config: TrainConfig, strategy) -> tuple[float, int]:
+def _init_batches(data: PreparedData, strategy, count: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``count`` training batches of epoch 0, for data-driven adapter inits."""
+    batches = data.plan.batches(0)
+    return [strategy.to_device(batches[i]) for i in range(min(count, data.plan.num_batches))]
+
+
+def _mean_token_loss(model, batch, training) -> torch.Tensor:
+    with autocast(training.precision, batch["input_ids"].device):
+        loss_sum, _ = token_loss_sum(model, batch, training.loss_chunk_size)
+    return loss_sum / max(1, int((batch["labels"][:, 1:] != -100).sum()))
+
+
+def _optimizer_step(model, optimizer, scheduler, data, state, config: TrainConfig, strategy,
+                    hooks: HookChain, total_steps: int) -> tuple[float, int]:
     training = config.training
     fetched = [_next_batch(data, state) for _ in range(training.grad_accum)]
     micro_batches = [strategy.to_device(batch) for batch, _ in fetched]
@@ -195,14 +214,20 @@ def _optimizer_step(model, optimizer, scheduler, data, state, config: TrainConfi
     for batch in micro_batches:
         with autocast(training.precision, batch["input_ids"].device):
             batch_loss, _ = token_loss_sum(model, batch, training.loss_chunk_size)
-        (batch_loss / labelled).backward()
+        loss = batch_loss / labelled
+        extra = hooks.extra_loss(model)
+        if extra is not None:
+            loss = loss + extra / len(micro_batches)
+        loss.backward()
         loss_sum += float(batch_loss.detach())
     if training.max_grad_norm is not None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
+    hooks.before_optimizer_step(model, state.step, total_steps)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    hooks.after_optimizer_step(model, state.step, total_steps)
     return loss_sum / labelled, tokens
 
 
