@@ -45,4 +45,18 @@ CASES = [
     AdapterCase("dora-llama-dropout", lambda: LoraConfig(r=4, use_dora=True, dropout=0.2, target_modules=["up_proj"])),
     AdapterCase("lora-gpt2-conv1d", lambda: LoraConfig(r=4, target_modules=["c_attn", "c_proj"]), make_model=tiny_gpt2),
     AdapterCase("dora-gpt2-conv1d", lambda: LoraConfig(r=4, use_dora=True, target_modules=["c_attn"]), make_model=tiny_gpt2),
+
+    # Each section below is owned by one family; add rows inside your own section only.
+    # --- section: LoRA initialisations ---
+    # --- end section: LoRA initialisations ---
+    # --- section: rank allocation ---
+    # --- end section: rank allocation ---
+    # --- section: parameter sharing ---
+    # --- end section: parameter sharing ---
+    # --- section: scaling, selective, bottleneck, sparse ---
+    # --- end section: scaling, selective, bottleneck, sparse ---
+    # --- section: orthogonal and mixtures ---
+    # --- end section: orthogonal and mixtures ---
+    # --- section: model-level ---
+    # --- end section: model-level ---
 ]

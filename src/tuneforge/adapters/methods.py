@@ -16,3 +16,22 @@ register_method(MethodSpec(
     build=build_lora,
     description="LoRA, rsLoRA (use_rslora) and DoRA (use_dora) on Linear, Conv1D and Embedding layers",
 ))
+
+# Each section below is owned by one family; add registrations inside your own section only.
+# --- section: LoRA initialisations (PiSSA, OLoRA, CorDA, LoRA-GA, EVA, LoftQ) ---
+# --- end section: LoRA initialisations ---
+
+# --- section: rank allocation and training variants (AdaLoRA, DyLoRA, SoRA, LoRA-FA, ALLoRA, Hydra) ---
+# --- end section: rank allocation ---
+
+# --- section: parameter sharing (VeRA, VB-LoRA, MoS, LoRA-XS, LoRETTA, RoAd) ---
+# --- end section: parameter sharing ---
+
+# --- section: scaling, selective, bottleneck, sparse (IA3, BitFit, LN tuning, adapters, SHiRA, ...) ---
+# --- end section: scaling, selective, bottleneck, sparse ---
+
+# --- section: orthogonal and mixtures (OFT, BOFT, ETHER, HRA, MoLE, router) ---
+# --- end section: orthogonal and mixtures ---
+
+# --- section: model-level (prompt, prefix, P-tuning, adaption prompt, LoReFT, DiReFT) ---
+# --- end section: model-level ---
