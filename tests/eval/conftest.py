@@ -43,9 +43,15 @@ def fake_load_model(chat_tokenizer):
     """A stand-in for tuneforge.models.load_model that returns a fresh tiny model and records its calls."""
     calls = []
 
-    def load(name_or_path, *, dtype="auto", device="cpu"):
+    def load(name_or_path, *, dtype="auto", device="cpu", quantization=None):
         calls.append((name_or_path, dtype, device))
-        return LoadedModel(make_model(chat_tokenizer), chat_tokenizer, name_or_path, local_dir=None)
+        model = make_model(chat_tokenizer)
+        if quantization is not None:
+            from tuneforge.quant import quantize_model
+
+            load.quantized = quantization
+            quantize_model(model, **quantization)
+        return LoadedModel(model, chat_tokenizer, name_or_path, local_dir=None)
 
     load.calls = calls
     return load

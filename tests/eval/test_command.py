@@ -93,3 +93,14 @@ def test_a_run_folder_stands_for_its_adapter_and_names_must_differ(tmp_path, cha
     assert command.build_variants([str(run)], include_base=False) == {"arith": str(run / "adapter")}
     with pytest.raises(ConfigError, match="already used"):
         command.build_variants([str(run), f"arith={run}"], include_base=True)
+
+
+def test_quantize_flag_evaluates_an_adapter_on_the_quantized_base(tmp_path, chat_tokenizer, patched_load):
+    adapter = save_perturbed_adapter(chat_tokenizer, tmp_path / "qa", seed=5, target_modules=["q_proj", "v_proj"])
+    output = tmp_path / "results.json"
+    args = _parse("--adapter", str(adapter), "--limit", "3", "--max-new-tokens", "2", "--quantize", "nf4",
+                  "--device", "cpu", "--output", str(output))
+    assert run_eval(args) == 0
+    assert patched_load.quantized["bits"] == 4 and patched_load.quantized["quant_type"] == "nf4"
+    rows = json.loads(output.read_text())["results"]
+    assert rows[0]["loss"] != rows[1]["loss"]  # the adapter ran on top of the QuantLinear layers

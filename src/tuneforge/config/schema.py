@@ -51,6 +51,8 @@ class TrainingConfig(Section):
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr: float = Field(2e-4, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw (float32 moments) or adamw8bit (block-wise 8-bit moments, ~4x less state memory)")
     loraplus_ratio: float | None = Field(None, gt=0, description="LoRA+: B's learning rate is lr * ratio (paper suggests 16)")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate schedule after warmup")
     warmup_steps: int | None = Field(None, ge=0, description="linear warmup steps (default: warmup_ratio of all steps)")

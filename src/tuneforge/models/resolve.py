@@ -37,17 +37,26 @@ class LoadedModel:
     local_dir: Path  # the directory holding config.json and the safetensors (the cache dir for GGUF)
 
 
-def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "cpu") -> LoadedModel:
+def load_model(name_or_path: str, *, dtype: str = "auto", device: str = "cpu",
+               quantization: dict | None = None) -> LoadedModel:
     """Load a causal language model and its tokenizer.
 
     `dtype`: float32, bfloat16, float16 or auto (the checkpoint's dtype; float32 for embedded and
-    GGUF models). `device`: cpu, cuda, cuda:N or auto (a GPU when there is one).
+    GGUF models). `device`: cpu, cuda, cuda:N or auto (a GPU when there is one). `quantization`:
+    keyword arguments of `tuneforge.quant.loading.load_quantized` (bits, quant_type, double_quant,
+    blocksize, compute_dtype, skip_modules); the Linear layers are then quantized as they are read.
     """
     torch_dtype = parse_dtype(dtype)  # both checked before any slow work
     torch_device = parse_device(device)
     local_dir = resolve_model_dir(name_or_path)
     tokenizer = _tokenizer_from_dir(local_dir, name_or_path)
-    model = _model_from_dir(local_dir, name_or_path, torch_dtype).to(torch_device)
+    if quantization is not None:
+        from tuneforge.quant.loading import load_quantized
+
+        weights_dtype = torch.float32 if torch_dtype == "auto" else torch_dtype
+        model = load_quantized(local_dir, dtype=weights_dtype, **quantization).to(torch_device)
+    else:
+        model = _model_from_dir(local_dir, name_or_path, torch_dtype).to(torch_device)
     configure_generation_stops(model.generation_config, tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, source=name_or_path, local_dir=local_dir)
 

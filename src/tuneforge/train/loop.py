@@ -48,8 +48,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     strategy = pick_strategy(device)
     model, tokenizer = model_and_tokenizer or _load_base(config, device)
     data = prepare_data(config, tokenizer)
-    if config.quantization is not None:
-        _quantize_base(model, config)
+    if config.quantization is not None and model_and_tokenizer is not None:
+        _quantize_base(model, config)  # a model we did not load: quantize it in place
     torch.manual_seed(config.training.seed)  # adapter init must not depend on what loading consumed
     add_adapter(model, config.adapter, ADAPTER_NAME)
     model.to(device)
@@ -142,18 +142,23 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
 def _load_base(config: TrainConfig, device: torch.device):
     from tuneforge.models import load_model
 
-    loaded = load_model(config.model, dtype=config.dtype, device=str(device))
+    quantization = _quant_settings(config) if config.quantization is not None else None
+    # QLoRA: the Linear layers are quantized as they are read, so the full-precision model never exists.
+    loaded = load_model(config.model, dtype=config.dtype, device=str(device), quantization=quantization)
     return loaded.model, loaded.tokenizer
 
 
+def _quant_settings(config: TrainConfig) -> dict:
+    quant = config.quantization
+    return dict(bits=quant.bits, quant_type=quant.type, double_quant=quant.double_quant, blocksize=quant.blocksize,
+                compute_dtype=getattr(torch, quant.compute_dtype), skip_modules=quant.skip_modules)
+
+
 def _quantize_base(model: nn.Module, config: TrainConfig) -> None:
-    """QLoRA: the frozen base's Linear layers become 4-bit (or int8) before the adapter is added."""
+    """QLoRA on a model passed in: its Linear layers become 4-bit (or int8) before the adapter is added."""
     from tuneforge.quant import quantize_model
 
-    quant = config.quantization
-    quantize_model(model, bits=quant.bits, quant_type=quant.type, double_quant=quant.double_quant,
-                   blocksize=quant.blocksize, compute_dtype=getattr(torch, quant.compute_dtype),
-                   skip_modules=quant.skip_modules)
+    quantize_model(model, **_quant_settings(config))
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:

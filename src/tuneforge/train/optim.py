@@ -19,6 +19,10 @@ def build_optimizer(model: nn.Module, training: TrainingConfig) -> torch.optim.O
         raise ConfigError("the model has no trainable parameters: check adapter.target_modules")
     for group in groups:
         group.pop("name", None)
+    if training.optimizer == "adamw8bit":
+        from tuneforge.quant.optim8bit import AdamW8bit
+
+        return AdamW8bit(groups, lr=training.lr, betas=(0.9, 0.999), weight_decay=training.weight_decay)
     fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=training.lr, betas=(0.9, 0.999), fused=fused or None)
 
