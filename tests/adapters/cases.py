@@ -50,6 +50,29 @@ CASES = [
     # --- section: LoRA initialisations ---
     # --- end section: LoRA initialisations ---
     # --- section: rank allocation ---
+    # (config classes imported inline: the file's import block is outside this section)
+    AdapterCase("adalora-llama", lambda: __import__("tuneforge.adapters.adalora", fromlist=["_"]).AdaLoraConfig(
+        init_r=6, target_r=2, target_modules=["q_proj", "v_proj", "down_proj"])),
+    AdapterCase("adalora-gpt2-conv1d", lambda: __import__("tuneforge.adapters.adalora", fromlist=["_"]).AdaLoraConfig(
+        init_r=4, target_r=2, dropout=0.1, target_modules=["c_attn"]), make_model=tiny_gpt2),
+    AdapterCase("dylora-llama", lambda: __import__("tuneforge.adapters.dylora", fromlist=["_"]).DyLoraConfig(
+        r=4, min_r=2, target_modules=["q_proj", "v_proj", "up_proj"])),
+    AdapterCase("dylora-gpt2-conv1d-eval-rank", lambda: __import__("tuneforge.adapters.dylora", fromlist=["_"])
+                .DyLoraConfig(r=4, eval_rank=3, dropout=0.1, target_modules=["c_attn", "c_proj"]), make_model=tiny_gpt2),
+    AdapterCase("sora-llama", lambda: __import__("tuneforge.adapters.sora", fromlist=["_"]).SoraConfig(
+        r=4, target_modules=["q_proj", "o_proj", "down_proj"])),
+    AdapterCase("sora-gpt2-conv1d", lambda: __import__("tuneforge.adapters.sora", fromlist=["_"]).SoraConfig(
+        r=4, target_modules=["c_fc"]), make_model=tiny_gpt2),
+    AdapterCase("lora-fa-llama", lambda: __import__("tuneforge.adapters.lora_fa", fromlist=["_"]).LoraFaConfig(
+        r=4, alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"])),
+    AdapterCase("lora-fa-gpt2-conv1d", lambda: __import__("tuneforge.adapters.lora_fa", fromlist=["_"]).LoraFaConfig(
+        r=4, target_modules=["c_attn"]), make_model=tiny_gpt2),
+    AdapterCase("allora-llama", lambda: __import__("tuneforge.adapters.allora", fromlist=["_"]).AlloraConfig(
+        r=4, target_modules=["k_proj", "up_proj"])),
+    AdapterCase("hydra-llama", lambda: __import__("tuneforge.adapters.hydra", fromlist=["_"]).HydraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    AdapterCase("hydra-gpt2-conv1d-bias", lambda: __import__("tuneforge.adapters.hydra", fromlist=["_"]).HydraConfig(
+        r=4, dropout=0.1, target_modules=["c_attn", "c_proj"]), make_model=tiny_gpt2),
     # --- end section: rank allocation ---
     # --- section: parameter sharing ---
     # --- end section: parameter sharing ---

@@ -22,6 +22,43 @@ register_method(MethodSpec(
 # --- end section: LoRA initialisations ---
 
 # --- section: rank allocation and training variants (AdaLoRA, DyLoRA, SoRA, LoRA-FA, ALLoRA, Hydra) ---
+from tuneforge.adapters.adalora import AdaLoraConfig, adalora_hooks, build_adalora  # noqa: E402
+
+register_method(MethodSpec(
+    name="adalora",
+    config_class=AdaLoraConfig,
+    supported_layers=linear_layer_types,
+    build=build_adalora,
+    hooks=adalora_hooks,
+    description="AdaLoRA: SVD-form updates whose rank budget shrinks by importance during training",
+))
+
+from tuneforge.adapters.allora import AlloraConfig, allora_hooks, build_allora  # noqa: E402
+from tuneforge.adapters.dylora import DyLoraConfig, build_dylora, dylora_hooks  # noqa: E402
+from tuneforge.adapters.hydra import HydraConfig, build_hydra  # noqa: E402
+from tuneforge.adapters.lora_fa import LoraFaConfig, build_lora_fa  # noqa: E402
+from tuneforge.adapters.sora import SoraConfig, build_sora, sora_hooks  # noqa: E402
+
+register_method(MethodSpec(
+    name="dylora", config_class=DyLoraConfig, supported_layers=linear_layer_types, build=build_dylora,
+    hooks=dylora_hooks, description="DyLoRA: every rank in [min_r, r] trained at once; pick the rank at deployment",
+))
+register_method(MethodSpec(
+    name="sora", config_class=SoraConfig, supported_layers=linear_layer_types, build=build_sora,
+    hooks=sora_hooks, description="SoRA: a per-rank gate sparsified by a proximal L1 step; zero gates prune ranks",
+))
+register_method(MethodSpec(
+    name="lora-fa", config_class=LoraFaConfig, supported_layers=linear_layer_types, build=build_lora_fa,
+    description="LoRA-FA: LoRA with A frozen at its random init, only B trains (a plain LORA file)",
+))
+register_method(MethodSpec(
+    name="allora", config_class=AlloraConfig, supported_layers=linear_layer_types, build=build_allora,
+    hooks=allora_hooks, description="ALLoRA: LoRA without dropout or scaling, row gradients scaled by 1/norm",
+))
+register_method(MethodSpec(
+    name="hydra", config_class=HydraConfig, supported_layers=linear_layer_types, build=build_hydra,
+    description="Hydra: a parallel LoRA branch plus a sequential low-rank map of the layer's output",
+))
 # --- end section: rank allocation ---
 
 # --- section: parameter sharing (VeRA, VB-LoRA, MoS, LoRA-XS, LoRETTA, RoAd) ---
