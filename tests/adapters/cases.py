@@ -79,6 +79,41 @@ CASES = [
     # --- section: scaling, selective, bottleneck, sparse ---
     # --- end section: scaling, selective, bottleneck, sparse ---
     # --- section: orthogonal and mixtures ---
+    # (config classes imported inline: the file's import block is outside this section)
+    AdapterCase("oft-llama", lambda: __import__("tuneforge.adapters.oft", fromlist=["_"]).OftConfig(
+        oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    AdapterCase("oft-llama-r-coft-shared", lambda: __import__("tuneforge.adapters.oft", fromlist=["_"]).OftConfig(
+        r=4, coft=True, eps=2.0, block_share=True, target_modules=["o_proj", "up_proj"])),
+    AdapterCase("oft-llama-neumann-dropout", lambda: __import__("tuneforge.adapters.oft", fromlist=["_"]).OftConfig(
+        oft_block_size=4, use_cayley_neumann=True, dropout=0.5, target_modules=["gate_proj", "k_proj"])),
+    AdapterCase("oft-gpt2-conv1d", lambda: __import__("tuneforge.adapters.oft", fromlist=["_"]).OftConfig(
+        oft_block_size=8, target_modules=["c_attn", "c_proj"]), make_model=tiny_gpt2),
+    AdapterCase("boft-llama-butterfly", lambda: __import__("tuneforge.adapters.boft", fromlist=["_"]).BoftConfig(
+        boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["q_proj", "up_proj"])),
+    AdapterCase("boft-llama-block-num-dropout", lambda: __import__("tuneforge.adapters.boft", fromlist=["_"]).BoftConfig(
+        boft_block_num=8, dropout=0.25, target_modules=["down_proj", "v_proj"])),
+    AdapterCase("boft-gpt2-conv1d-bias", lambda: __import__("tuneforge.adapters.boft", fromlist=["_"]).BoftConfig(
+        boft_block_size=8, boft_n_butterfly_factor=3, target_modules=["c_fc", "c_attn"]), make_model=tiny_gpt2),
+    AdapterCase("hra-llama", lambda: __import__("tuneforge.adapters.hra", fromlist=["_"]).HraConfig(
+        r=4, target_modules=["q_proj", "v_proj"])),
+    # Gram-Schmidt turns the chain into one reflection of the span: never the identity.
+    AdapterCase("hra-llama-gram-schmidt", lambda: __import__("tuneforge.adapters.hra", fromlist=["_"]).HraConfig(
+        r=3, apply_GS=True, orthogonality_weight=1e-3, target_modules=["down_proj"]), identity_at_init=False),
+    AdapterCase("hra-gpt2-conv1d", lambda: __import__("tuneforge.adapters.hra", fromlist=["_"]).HraConfig(
+        r=2, target_modules=["c_attn", "c_fc"]), make_model=tiny_gpt2),
+    # ETHER starts from a random reflection (the paper's choice); ETHER+ starts at u = v, the identity.
+    AdapterCase("ether-llama", lambda: __import__("tuneforge.adapters.ether", fromlist=["_"]).EtherConfig(
+        nb=4, target_modules=["q_proj", "up_proj"]), identity_at_init=False),
+    AdapterCase("ether-plus-llama", lambda: __import__("tuneforge.adapters.ether", fromlist=["_"]).EtherConfig(
+        nb=2, plus=True, target_modules=["v_proj", "down_proj"])),
+    AdapterCase("ether-plus-gpt2-conv1d-bias", lambda: __import__("tuneforge.adapters.ether", fromlist=["_"]).EtherConfig(
+        nb=2, plus=True, target_modules=["c_attn", "c_proj"]), make_model=tiny_gpt2),
+    # Routing depends on the input: a mixture of experts cannot be merged (test_mole.py checks the refusal).
+    AdapterCase("mole-llama-ffn", lambda: __import__("tuneforge.adapters.mole", fromlist=["_"]).MoleConfig(
+        num_experts=3, top_k=2, r=4), mergeable=False),
+    AdapterCase("mole-gpt2-conv1d-top1-dropout", lambda: __import__("tuneforge.adapters.mole", fromlist=["_"]).MoleConfig(
+        num_experts=4, top_k=1, r=2, dropout=0.1, target_modules=["c_fc", "mlp.c_proj"]), make_model=tiny_gpt2,
+        mergeable=False),
     # --- end section: orthogonal and mixtures ---
     # --- section: model-level ---
     # --- end section: model-level ---

@@ -68,6 +68,57 @@ register_method(MethodSpec(
 # --- end section: scaling, selective, bottleneck, sparse ---
 
 # --- section: orthogonal and mixtures (OFT, BOFT, ETHER, HRA, MoLE, router) ---
+from tuneforge.adapters.oft import OftConfig, build_oft  # noqa: E402
+
+register_method(MethodSpec(
+    name="oft",
+    config_class=OftConfig,
+    supported_layers=linear_layer_types,
+    build=build_oft,
+    description="OFT: block-diagonal orthogonal (Cayley) multiplier on the input side; COFT, block sharing",
+))
+
+from tuneforge.adapters.boft import BoftConfig, build_boft  # noqa: E402
+
+register_method(MethodSpec(
+    name="boft",
+    config_class=BoftConfig,
+    supported_layers=linear_layer_types,
+    build=build_boft,
+    description="BOFT: product of butterfly-permuted block-diagonal orthogonal factors, plus an output scale",
+))
+
+from tuneforge.adapters.hra import HraConfig, build_hra, hra_hooks  # noqa: E402
+
+register_method(MethodSpec(
+    name="hra",
+    config_class=HraConfig,
+    supported_layers=linear_layer_types,
+    build=build_hra,
+    hooks=hra_hooks,
+    description="HRA: chain of r Householder reflections on the input side; Gram-Schmidt option, orthogonality loss",
+))
+
+from tuneforge.adapters.ether import EtherConfig, build_ether  # noqa: E402
+
+register_method(MethodSpec(
+    name="ether",
+    config_class=EtherConfig,
+    supported_layers=linear_layer_types,
+    build=build_ether,
+    description="ETHER (block Householder reflection of the output side) and ETHER+ (relaxed, both sides)",
+))
+
+from tuneforge.adapters.mole import MoleConfig, build_mole, mole_hooks  # noqa: E402
+
+register_method(MethodSpec(
+    name="mole",
+    config_class=MoleConfig,
+    supported_layers=linear_layer_types,
+    build=build_mole,
+    hooks=mole_hooks,
+    description="MoLE / MixLoRA: top-k routed LoRA experts on the FFN projections, load-balancing loss (not mergeable)",
+))
 # --- end section: orthogonal and mixtures ---
 
 # --- section: model-level (prompt, prefix, P-tuning, adaption prompt, LoReFT, DiReFT) ---
