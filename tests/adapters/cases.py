@@ -48,6 +48,14 @@ CASES = [
 
     # Each section below is owned by one family; add rows inside your own section only.
     # --- section: LoRA initialisations ---
+    # Data-driven inits (corda, lora-ga, eva) need batches: tests/adapters/test_lora_inits.py.
+    AdapterCase("pissa-llama", lambda: LoraConfig(r=4, alpha=8, init="pissa", target_modules=["q_proj", "v_proj", "down_proj"])),
+    AdapterCase("pissa-niter-llama-dropout",
+                lambda: LoraConfig(r=4, init="pissa", pissa_niter=2, dropout=0.1, target_modules=["o_proj", "up_proj"])),
+    AdapterCase("olora-llama-rslora", lambda: LoraConfig(r=4, init="olora", use_rslora=True, target_modules=["k_proj", "gate_proj"])),
+    AdapterCase("pissa-gpt2-conv1d", lambda: LoraConfig(r=4, init="pissa", target_modules=["c_attn", "c_proj"]),
+                make_model=tiny_gpt2),
+    AdapterCase("olora-gpt2-conv1d", lambda: LoraConfig(r=4, init="olora", target_modules=["c_fc"]), make_model=tiny_gpt2),
     # --- end section: LoRA initialisations ---
     # --- section: rank allocation ---
     # (config classes imported inline: the file's import block is outside this section)

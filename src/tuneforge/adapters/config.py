@@ -108,12 +108,24 @@ class LoraConfig(AdapterConfig):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     use_rslora: bool = False
     use_dora: bool = False
-    init: Literal["kaiming", "gaussian"] = "kaiming"
+    # kaiming/gaussian: B = 0. The others derive A and B from the base weight (pissa, olora, loftq) or
+    # from calibration batches (corda, lora-ga, eva); see adapters/inits/.
+    init: Literal["kaiming", "gaussian", "pissa", "olora", "corda", "lora-ga", "eva", "loftq"] = "kaiming"
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     fan_in_fan_out: bool = False
     bias: Literal["none"] = "none"
+    # Settings of the initialisations above, each read only by the init it names.
+    pissa_niter: int | None = Field(None, ge=1, description="pissa: randomized-SVD iterations; None = exact SVD")
+    corda_mode: Literal["instruction-previewed", "knowledge-preserved"] = "instruction-previewed"
+    lora_ga_gamma: float = Field(16.0, gt=0, description="lora-ga: the stable-scale gamma")
+    eva_rho: float = Field(2.0, ge=1.0, description="eva: a layer may receive up to rho * r ranks")
+    loftq_iters: int = Field(1, ge=1, description="loftq: alternating quantize / SVD rounds")
+    loftq_bits: Literal[4] = 4
 
+    # Fields that PEFT keeps elsewhere (in init_lora_weights or a sub-config).
+    init_settings: ClassVar[tuple[str, ...]] = (
+        "pissa_niter", "corda_mode", "lora_ga_gamma", "eva_rho", "loftq_iters", "loftq_bits")
     peft_type: ClassVar[str] = "LORA"
     peft_field_names: ClassVar[dict[str, str]] = {
         "alpha": "lora_alpha",
@@ -123,9 +135,48 @@ class LoraConfig(AdapterConfig):
 
     def to_peft_dict(self) -> dict[str, Any]:
         data = super().to_peft_dict()
+        for name in self.init_settings:
+            data.pop(name)
         # PEFT spells the default Kaiming-uniform init as ``True``.
         data["init_lora_weights"] = True if self.init == "kaiming" else self.init
+        data.update(self._peft_init_fields())
         return data
+
+    def _peft_init_fields(self) -> dict[str, Any]:
+        """PEFT's spelling of the data-aware inits: a string plus, for some, a sub-config."""
+        if self.init == "pissa":
+            return {"init_lora_weights": "pissa" if self.pissa_niter is None else f"pissa_niter_{self.pissa_niter}"}
+        if self.init == "corda":
+            return {"corda_config": {"corda_method": "ipm" if self.corda_mode == "instruction-previewed" else "kpm"}}
+        if self.init == "lora-ga":
+            return {"init_lora_weights": "lora_ga",
+                    "lora_ga_config": {"direction": "ArB2r", "scale": "stable", "stable_gamma": self.lora_ga_gamma}}
+        if self.init == "eva":
+            return {"eva_config": {"rho": self.eva_rho}}
+        if self.init == "loftq":
+            return {"loftq_config": {"loftq_bits": self.loftq_bits, "loftq_iter": self.loftq_iters}}
+        return {}
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any], source: str = "adapter_config.json") -> "AdapterConfig":
+        data = dict(data)
+        # PEFT keeps init settings in sub-configs; lift the ones we use into our flat fields.
+        corda = data.pop("corda_config", None) or {}
+        eva = data.pop("eva_config", None) or {}
+        loftq = data.pop("loftq_config", None) or {}
+        lora_ga = data.pop("lora_ga_config", None) or {}
+        if "corda_method" in corda:
+            data["corda_mode"] = {"ipm": "instruction-previewed", "kpm": "knowledge-preserved"}.get(
+                corda["corda_method"], corda["corda_method"])
+        if "rho" in eva:
+            data["eva_rho"] = eva["rho"]
+        if "loftq_bits" in loftq:
+            data["loftq_bits"] = loftq["loftq_bits"]
+        if "loftq_iter" in loftq:
+            data["loftq_iters"] = loftq["loftq_iter"]
+        if "stable_gamma" in lora_ga:
+            data["lora_ga_gamma"] = lora_ga["stable_gamma"]
+        return super().from_peft_dict(data, source)
 
     @classmethod
     def normalize_peft_values(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -136,6 +187,12 @@ class LoraConfig(AdapterConfig):
             # PEFT's ``False`` means B and A random (not identity); only used for tests, and the
             # weights are loaded from the file right after, so the init does not matter.
             data["init"] = "gaussian"
+        elif init == "lora_ga":
+            data["init"] = "lora-ga"
+        elif isinstance(init, str) and init.startswith("pissa_niter_"):
+            niter = init[len("pissa_niter_"):]
+            data["init"] = "pissa"
+            data["pissa_niter"] = int(niter) if niter.isdigit() else niter  # a bad value is reported by validation
         return data
 
     def rank_for(self, module_name: str) -> int:

@@ -133,6 +133,10 @@ def build_lora(base_layer: nn.Module, config: LoraConfig, module_name: str) -> L
     alpha = config.alpha_for(module_name)
     in_features, out_features = weight_shape(base_layer)
     check_rank(r, in_features, out_features, module_name)
+    if config.init not in ("kaiming", "gaussian"):
+        from tuneforge.adapters.inits import build_initialised_lora  # the inits build on this module
+
+        return build_initialised_lora(base_layer, config, module_name, r, alpha)
     if isinstance(base_layer, nn.Embedding):
         if config.use_dora:
             raise AdapterError(

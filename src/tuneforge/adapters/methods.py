@@ -9,16 +9,26 @@ from tuneforge.adapters.lora import build_lora
 from tuneforge.adapters.registry import MethodSpec, register_method
 from tuneforge.adapters.targeting import linear_layer_types
 
+def lora_init_hooks(model, adapter_name, config):
+    """Data-driven LoRA inits (corda, lora-ga, eva) calibrate in TrainingHooks.prepare (adapters/inits/)."""
+    from tuneforge.adapters.inits import lora_init_hooks as hooks_for_init
+
+    return hooks_for_init(model, adapter_name, config)
+
+
 register_method(MethodSpec(
     name="lora",
     config_class=LoraConfig,
     supported_layers=lambda: linear_layer_types() + (nn.Embedding,),
     build=build_lora,
+    hooks=lora_init_hooks,
     description="LoRA, rsLoRA (use_rslora) and DoRA (use_dora) on Linear, Conv1D and Embedding layers",
 ))
 
 # Each section below is owned by one family; add registrations inside your own section only.
 # --- section: LoRA initialisations (PiSSA, OLoRA, CorDA, LoRA-GA, EVA, LoftQ) ---
+# The "lora" registration above passes hooks=lora_init_hooks: data-driven inits (corda, lora-ga,
+# eva) see the first training batches through TrainingHooks.prepare.
 # --- end section: LoRA initialisations ---
 
 # --- section: rank allocation and training variants (AdaLoRA, DyLoRA, SoRA, LoRA-FA, ALLoRA, Hydra) ---
