@@ -128,3 +128,23 @@ def test_safe_merge_refuses_non_finite_and_keeps_base(tmp_path):
     with pytest.raises(AdapterError, match="NaN/Inf"):
         merge_adapters(model, safe=True)
     assert torch.equal(layer.base_layer.weight, before)
+
+
+def test_merging_a_mix_with_an_unmergeable_adapter_changes_nothing():
+    from tiny_models import perturb_trainable, sample_ids
+
+    from tuneforge.adapters import merge_adapters, set_active_adapters
+    from tuneforge.adapters.mole import MoleConfig
+
+    model = tiny_llama()
+    add_adapter(model, LoraConfig(r=4, target_modules=["up_proj"]), "lora")
+    add_adapter(model, MoleConfig(r=2, num_experts=2, top_k=1, target_modules=["up_proj"]), "mole")
+    perturb_trainable(model)
+    set_active_adapters(model, ["lora", "mole"])
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(AdapterError, match=r"'mole' \(.*\) cannot be merged.*base model is unchanged"):
+        merge_adapters(model, ["lora", "mole"])
+    assert all(not layer.merged for layer in model.modules() if hasattr(layer, "merged"))
+    for key, value in model.state_dict().items():
+        assert value.equal(before[key]), f"{key} changed by a refused merge"
+    assert model(sample_ids()).logits.isfinite().all()

@@ -201,8 +201,23 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def merge_adapters(model: nn.Module, names: list[str] | None = None, *, safe: bool = False) -> None:
     """Fold adapters into the base weights (default: the active ones). ``safe`` checks for NaN/Inf first."""
     names = list(adapter_book(model).active) if names is None else names
+    _refuse_unmergeable_layers(model, names)
     for _, layer in wrapped_layers(model):
         layer.merge([n for n in names if n in layer.adapters], safe)
+
+
+def _refuse_unmergeable_layers(model: nn.Module, names: list[str]) -> None:
+    """Checked over every layer before any weight changes, so a refusal never leaves a half-merged model."""
+    for layer_name, layer in wrapped_layers(model):
+        for name in names:
+            adapter = layer.adapters[name] if name in layer.adapters else None
+            if adapter is not None and not adapter.mergeable:
+                raise AdapterError(
+                    f"adapter '{name}' ({type(adapter).__name__} on '{layer_name}') cannot be merged into the weights: "
+                    "its output depends on the input (routing, inserted modules), not on a fixed weight change. "
+                    "The base model is unchanged; keep it as an adapter (save_adapter) instead"
+                )
+
 
 
 def unmerge_adapters(model: nn.Module) -> None:
