@@ -85,6 +85,42 @@ CASES = [
     # --- section: parameter sharing ---
     # --- end section: parameter sharing ---
     # --- section: scaling, selective, bottleneck, sparse ---
+    AdapterCase("ia3-llama-default", lambda: __import__("tuneforge.adapters.ia3", fromlist=["_"]).IA3Config()),
+    AdapterCase("ia3-gpt2-conv1d-bias", lambda: __import__("tuneforge.adapters.ia3", fromlist=["_"]).IA3Config(
+        target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"]), make_model=tiny_gpt2),
+    AdapterCase("ln-tuning-llama-all-norms",
+                lambda: __import__("tuneforge.adapters.ln_tuning", fromlist=["_"]).LNTuningConfig()),
+    AdapterCase("ln-tuning-gpt2-layernorm", lambda: __import__("tuneforge.adapters.ln_tuning", fromlist=["_"]).LNTuningConfig(
+        target_modules=["ln_1", "ln_f"]), make_model=tiny_gpt2),
+    AdapterCase("bitfit-gpt2-biases", lambda: __import__("tuneforge.adapters.bitfit", fromlist=["_"]).BitFitConfig(),
+                make_model=tiny_gpt2),
+    # Llama's linear layers have no bias: merging refuses (or adds new tensors), see test_bitfit.py.
+    AdapterCase("bitfit-llama-no-bias", lambda: __import__("tuneforge.adapters.bitfit", fromlist=["_"]).BitFitConfig(
+        target_modules=["q_proj", "down_proj"]), mergeable=False),
+    AdapterCase("bottleneck-llama-houlsby", lambda: __import__("tuneforge.adapters.bottleneck", fromlist=["_"]).BottleneckConfig(
+        reduction_factor=4), mergeable=False),
+    AdapterCase("bottleneck-llama-parallel", lambda: __import__("tuneforge.adapters.bottleneck", fromlist=["_"]).BottleneckConfig(
+        placement="parallel", reduction_factor=8, non_linearity="silu", scaling=2.0), mergeable=False),
+    AdapterCase("bottleneck-gpt2-pfeiffer", lambda: __import__("tuneforge.adapters.bottleneck", fromlist=["_"]).BottleneckConfig(
+        placement="pfeiffer", reduction_factor=4, non_linearity="gelu"), make_model=tiny_gpt2, mergeable=False),
+    AdapterCase("shira-llama-density", lambda: __import__("tuneforge.adapters.shira", fromlist=["_"]).ShiraConfig(
+        density=0.05, target_modules=["q_proj", "v_proj", "down_proj"])),
+    AdapterCase("shira-llama-magnitude", lambda: __import__("tuneforge.adapters.shira", fromlist=["_"]).ShiraConfig(
+        r=2, mask_type="magnitude", target_modules=["o_proj", "up_proj"])),
+    AdapterCase("shira-gpt2-conv1d", lambda: __import__("tuneforge.adapters.shira", fromlist=["_"]).ShiraConfig(
+        r=2, target_modules=["c_attn", "c_fc"]), make_model=tiny_gpt2),
+    AdapterCase("sparse-ft-llama", lambda: __import__("tuneforge.adapters.sparse_ft", fromlist=["_"]).SparseFTConfig(
+        target_density=0.05, target_modules=["q_proj", "up_proj"])),
+    AdapterCase("sparse-ft-gpt2-conv1d", lambda: __import__("tuneforge.adapters.sparse_ft", fromlist=["_"]).SparseFTConfig(
+        target_density=0.1, target_modules=["c_attn"]), make_model=tiny_gpt2),
+    AdapterCase("layer-select-llama", lambda: __import__("tuneforge.adapters.layer_selective", fromlist=["_"]).LayerSelectConfig(
+        layers=[1])),
+    AdapterCase("layer-select-gpt2", lambda: __import__("tuneforge.adapters.layer_selective", fromlist=["_"]).LayerSelectConfig(
+        layers=[0]), make_model=tiny_gpt2),
+    AdapterCase("trainable-tokens-llama", lambda: __import__("tuneforge.adapters.trainable_tokens", fromlist=["_"])
+                .TrainableTokensConfig(token_indices=[0, 5, 17, 101])),
+    AdapterCase("trainable-tokens-gpt2-tied-head", lambda: __import__("tuneforge.adapters.trainable_tokens", fromlist=["_"])
+                .TrainableTokensConfig(token_indices=[3, 9, 64]), make_model=tiny_gpt2),
     # --- end section: scaling, selective, bottleneck, sparse ---
     # --- section: orthogonal and mixtures ---
     # (config classes imported inline: the file's import block is outside this section)

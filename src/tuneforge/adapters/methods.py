@@ -75,6 +75,49 @@ register_method(MethodSpec(
 # --- end section: parameter sharing ---
 
 # --- section: scaling, selective, bottleneck, sparse (IA3, BitFit, LN tuning, adapters, SHiRA, ...) ---
+from tuneforge.adapters.bitfit import BitFitConfig, build_bitfit  # noqa: E402
+from tuneforge.adapters.bottleneck import BottleneckConfig, build_bottleneck  # noqa: E402
+from tuneforge.adapters.ia3 import IA3Config, build_ia3  # noqa: E402
+from tuneforge.adapters.ln_tuning import LNTuningConfig, NormLayer, build_ln_tuning  # noqa: E402
+from tuneforge.adapters.layer_selective import LayerSelectConfig, build_layer_select, layer_select_hooks  # noqa: E402
+from tuneforge.adapters.shira import ShiraConfig, build_shira, shira_hooks  # noqa: E402
+from tuneforge.adapters.sparse_ft import SparseFTConfig, build_sparse_ft, sparse_ft_hooks  # noqa: E402
+from tuneforge.adapters.trainable_tokens import TrainableTokensConfig, build_trainable_tokens  # noqa: E402
+
+register_method(MethodSpec(
+    name="ia3", config_class=IA3Config, supported_layers=linear_layer_types, build=build_ia3,
+    description="(IA)^3: learned scaling of keys/values (output side) and FFN inputs (feedforward_modules)",
+))
+register_method(MethodSpec(
+    name="ln-tuning", config_class=LNTuningConfig, supported_layers=lambda: (NormLayer,), build=build_ln_tuning,
+    description="LN tuning: trainable copies of the norm layers (LayerNorm, RMSNorm, ...)",
+))
+register_method(MethodSpec(
+    name="bitfit", config_class=BitFitConfig, supported_layers=linear_layer_types, build=build_bitfit,
+    description="BitFit: trainable bias deltas on the target layers",
+))
+register_method(MethodSpec(
+    name="bottleneck", config_class=BottleneckConfig, supported_layers=lambda: (nn.Module,), build=build_bottleneck,
+    description="bottleneck adapters: Houlsby, Pfeiffer or parallel placement (not mergeable)",
+))
+register_method(MethodSpec(
+    name="shira", config_class=ShiraConfig, supported_layers=linear_layer_types, build=build_shira,
+    hooks=shira_hooks, description="SHiRA: a fixed sparse mask of trainable base-weight entries",
+))
+register_method(MethodSpec(
+    name="sparse-ft", config_class=SparseFTConfig, supported_layers=linear_layer_types, build=build_sparse_ft,
+    hooks=sparse_ft_hooks, description="sparse finetuning: dense delta projected to a target density (diff pruning)",
+))
+register_method(MethodSpec(
+    name="layer-select", config_class=LayerSelectConfig, supported_layers=linear_layer_types,
+    build=build_layer_select, hooks=layer_select_hooks,
+    description="layer-selective finetuning: full-weight deltas for chosen decoder layers",
+))
+register_method(MethodSpec(
+    name="trainable-tokens", config_class=TrainableTokensConfig,
+    supported_layers=lambda: linear_layer_types() + (nn.Embedding,), build=build_trainable_tokens,
+    description="trainable token embeddings: only rows token_indices of the embedding (and a tied head) train",
+))
 # --- end section: scaling, selective, bottleneck, sparse ---
 
 # --- section: orthogonal and mixtures (OFT, BOFT, ETHER, HRA, MoLE, router) ---

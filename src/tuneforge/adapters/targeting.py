@@ -21,6 +21,7 @@ from tuneforge.errors import AdapterError
 from tuneforge.quant.linear import QuantLinear
 
 ALL_LINEAR = "all-linear"
+ALL_NORMS = "all-norms"
 DEFAULT_LAYER_PATTERNS = ("layers", "h", "blocks", "layer", "block")
 
 
@@ -32,6 +33,11 @@ def linear_layer_types() -> tuple[type[nn.Module], ...]:
     except ImportError:  # model-agnostic core: transformers is optional here
         return (nn.Linear, QuantLinear)
     return (nn.Linear, Conv1D, QuantLinear)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """LayerNorm, RMSNorm and model-specific norms (transformers' ``LlamaRMSNorm``, ...), by class name."""
+    return type(module).__name__.endswith("Norm")
 
 
 def name_matches(spec: TargetSpec, name: str) -> bool:
@@ -84,6 +90,8 @@ def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[typ
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
         if config.target_modules == ALL_LINEAR:
             hit = isinstance(base, linear_layer_types()) and name not in heads
+        elif config.target_modules == ALL_NORMS:
+            hit = is_norm_layer(base)
         else:
             hit = name_matches(config.target_modules, name)
         if not hit or name_matches(config.exclude_modules, name):
