@@ -41,7 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_command(commands, "chat", "chat with a base model (+ adapter) in the terminal", add_chat_arguments, run_chat)
     _add_command(commands, "demo", "the main job: finetune smollm2-135m on a bundled task, before/after",
                  add_demo_arguments, run_demo)
+    _add_command(commands, "methods", "list the adapter methods (adapter.method values) and what each does",
+                 lambda sub: None, run_methods)
     return parser
+
+
+def run_methods(args) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from tuneforge.adapters import list_methods
+
+    table = Table(title="adapter methods (set adapter.method; `tuneforge train --help` lists the lora keys)")
+    for column in ("method", "PEFT type", "what it does"):
+        table.add_column(column)
+    for spec in sorted(list_methods(), key=lambda s: s.name):
+        table.add_row(spec.name, spec.config_class.peft_type or "-", escape(spec.description))
+    Console(width=160).print(table)
+    return 0
+
 
 
 def _add_train(commands) -> None:
