@@ -160,5 +160,34 @@ CASES = [
         mergeable=False),
     # --- end section: orthogonal and mixtures ---
     # --- section: model-level ---
+    AdapterCase("prompt-tuning-llama", lambda: __import__("tuneforge.adapters.prompt_tuning", fromlist=["_"])
+                .PromptTuningConfig(num_virtual_tokens=4), identity_at_init=False, mergeable=False),
+    AdapterCase("prompt-tuning-llama-sample-vocab", lambda: __import__("tuneforge.adapters.prompt_tuning", fromlist=["_"])
+                .PromptTuningConfig(num_virtual_tokens=3, init="sample-vocab"), identity_at_init=False, mergeable=False),
+    AdapterCase("prompt-tuning-gpt2", lambda: __import__("tuneforge.adapters.prompt_tuning", fromlist=["_"])
+                .PromptTuningConfig(num_virtual_tokens=4), make_model=tiny_gpt2, identity_at_init=False, mergeable=False),
+    AdapterCase("prefix-tuning-llama", lambda: __import__("tuneforge.adapters.prefix_tuning", fromlist=["_"])
+                .PrefixTuningConfig(num_virtual_tokens=3), identity_at_init=False, mergeable=False),
+    AdapterCase("prefix-tuning-llama-projection", lambda: __import__("tuneforge.adapters.prefix_tuning", fromlist=["_"])
+                .PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=8),
+                identity_at_init=False, mergeable=False),
+    AdapterCase("prefix-tuning-gpt2", lambda: __import__("tuneforge.adapters.prefix_tuning", fromlist=["_"])
+                .PrefixTuningConfig(num_virtual_tokens=3), make_model=tiny_gpt2, identity_at_init=False, mergeable=False),
+    AdapterCase("p-tuning-llama-mlp", lambda: __import__("tuneforge.adapters.p_tuning", fromlist=["_"])
+                .PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8), identity_at_init=False, mergeable=False),
+    AdapterCase("p-tuning-llama-lstm", lambda: __import__("tuneforge.adapters.p_tuning", fromlist=["_"])
+                .PTuningConfig(num_virtual_tokens=3, encoder_reparameterization_type="LSTM", encoder_hidden_size=8),
+                identity_at_init=False, mergeable=False),
+    AdapterCase("adaption-prompt-llama", lambda: __import__("tuneforge.adapters.adaption_prompt", fromlist=["_"])
+                .AdaptionPromptConfig(adapter_len=4, adapter_layers=2), mergeable=False),  # zero gate: identity
+    AdapterCase("loreft-llama", lambda: __import__("tuneforge.adapters.reft", fromlist=["_"])
+                .LoReftConfig(layers=[0, 1], positions="f2+l2", r=2), identity_at_init=False, mergeable=False),
+    AdapterCase("loreft-llama-all-positions", lambda: __import__("tuneforge.adapters.reft", fromlist=["_"])
+                .LoReftConfig(layers=[1], positions="all", r=3), identity_at_init=False, mergeable=False),
+    AdapterCase("direft-llama", lambda: __import__("tuneforge.adapters.reft", fromlist=["_"])
+                .DiReftConfig(layers="all", positions="l3", r=2), identity_at_init=False, mergeable=False),
+    AdapterCase("loreft-gpt2", lambda: __import__("tuneforge.adapters.reft", fromlist=["_"])
+                .LoReftConfig(layers=[0], positions="f1+l1", r=2), make_model=tiny_gpt2,
+                identity_at_init=False, mergeable=False),
     # --- end section: model-level ---
 ]

@@ -175,4 +175,54 @@ register_method(MethodSpec(
 # --- end section: orthogonal and mixtures ---
 
 # --- section: model-level (prompt, prefix, P-tuning, adaption prompt, LoReFT, DiReFT) ---
+from tuneforge.adapters.model_level import training_form_hooks  # noqa: E402
+from tuneforge.adapters.prompt_tuning import PromptTuningConfig, attach_prompt_tuning  # noqa: E402
+from tuneforge.adapters.prefix_tuning import PrefixTuningConfig, attach_prefix_tuning  # noqa: E402
+from tuneforge.adapters.p_tuning import PTuningConfig, attach_p_tuning  # noqa: E402
+from tuneforge.adapters.adaption_prompt import AdaptionPromptConfig, attach_adaption_prompt  # noqa: E402
+from tuneforge.adapters.reft import DiReftConfig, LoReftConfig, attach_reft  # noqa: E402
+
+register_method(MethodSpec(
+    name="prompt-tuning",
+    config_class=PromptTuningConfig,
+    attach=attach_prompt_tuning,
+    description="prompt tuning: learned virtual token embeddings prepended to the input",
+))
+
+register_method(MethodSpec(
+    name="prefix-tuning",
+    config_class=PrefixTuningConfig,
+    attach=attach_prefix_tuning,
+    hooks=training_form_hooks,
+    description="prefix tuning: learned key/value prefixes in every layer's attention cache",
+))
+
+register_method(MethodSpec(
+    name="p-tuning",
+    config_class=PTuningConfig,
+    attach=attach_p_tuning,
+    hooks=training_form_hooks,
+    description="P-tuning: virtual tokens produced by an MLP or LSTM prompt encoder",
+))
+
+register_method(MethodSpec(
+    name="adaption-prompt",
+    config_class=AdaptionPromptConfig,
+    attach=attach_adaption_prompt,
+    description="LLaMA-Adapter: zero-gated prompts attended to in the top attention layers (Llama-style models)",
+))
+
+register_method(MethodSpec(
+    name="loreft",
+    config_class=LoReftConfig,
+    attach=attach_reft,
+    description="LoReFT: low-rank orthogonal edits of decoder-layer hidden states at chosen positions",
+))
+
+register_method(MethodSpec(
+    name="direft",
+    config_class=DiReftConfig,
+    attach=attach_reft,
+    description="DiReFT: low-rank (non-orthogonal) edits of decoder-layer hidden states at chosen positions",
+))
 # --- end section: model-level ---

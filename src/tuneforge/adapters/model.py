@@ -16,6 +16,16 @@ from torch import nn
 
 from tuneforge.adapters.config import AdapterConfig
 from tuneforge.adapters.layer import AdaptedLayer
+from tuneforge.adapters.model_level import (
+    CONTAINER_ATTRIBUTE,
+    attach_model_adapter,
+    backbone_of,
+    detach_model_adapter,
+    model_adapters,
+    refuse_merge,
+    set_active_model_adapters,
+    set_model_adapters_disabled,
+)
 from tuneforge.adapters.registry import get_method
 from tuneforge.adapters.saved_modules import SavedModuleCopies
 from tuneforge.adapters.targeting import name_matches, select_targets
@@ -56,10 +66,12 @@ def saved_module_copies(model: nn.Module) -> Iterator[tuple[str, SavedModuleCopi
             yield name, module
 
 
-def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", *, activate: bool = True) -> list[str]:
+def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", *, activate: bool = True,
+                **attach_options) -> list[str]:
     """Wrap the modules ``config`` targets with a new adapter ``name``; returns the wrapped module names.
 
     The base model is frozen; only the new adapter (and its ``modules_to_save`` copies) train.
+    ``attach_options`` go to a model-level method's ``attach`` (e.g. ``tokenizer=`` for prompt tuning's text init).
     """
     book = adapter_book(model)
     if not ADAPTER_NAME.fullmatch(name):
@@ -67,11 +79,21 @@ def add_adapter(model: nn.Module, config: AdapterConfig, name: str = "default", 
     if name in book.configs:
         raise AdapterError(f"model already has an adapter named '{name}'; delete_adapter(model, '{name}') first or pick another name")
     method = get_method(config.method)
-    targets = select_targets(model, config, method.supported_layers())
-    _check_saved_targets(model, config)
-    new_layers = {target: method.build(_base_of(model.get_submodule(target)), config, target) for target in targets}
+    if method.attach is not None:
+        _check_saved_targets(model, config)
+        targets, new_layers = [], {}
+        model_adapter = method.attach(model, config, name, **attach_options)
+    else:
+        if attach_options:
+            raise AdapterError(f"adapter method '{config.method}' takes no add_adapter options; got {sorted(attach_options)}")
+        targets = select_targets(model, config, method.supported_layers())
+        _check_saved_targets(model, config)
+        new_layers = {target: method.build(_base_of(model.get_submodule(target)), config, target) for target in targets}
+        model_adapter = None
     for param in model.parameters():
         param.requires_grad_(False)
+    if model_adapter is not None:
+        attach_model_adapter(model, model_adapter.to(device=_device_of(backbone_of(model))).train(model.training), name)
     for target, layer_adapter in new_layers.items():
         wrapper = _wrap(model, target)
         # New modules follow the model's train/eval mode (dropout must stay off in eval).
@@ -142,6 +164,7 @@ def set_active_adapters(model: nn.Module, names: list[str] | str) -> None:
     unknown = [n for n in names if n not in book.configs]
     if unknown:
         raise AdapterError(f"unknown adapter(s) {unknown}; the model has {list(book.configs) or 'no adapters'}")
+    set_active_model_adapters(model, names)
     book.active = names
     for _, layer in wrapped_layers(model):
         layer.active = [n for n in names if n in layer.adapters]
@@ -157,6 +180,8 @@ def set_trainable_adapter(model: nn.Module, name: str | None) -> None:
     for _, copies in saved_module_copies(model):
         for adapter_name, replica in copies.modules_to_save.items():
             replica.requires_grad_(adapter_name == name)
+    for adapter_name, model_adapter in model_adapters(model):
+        model_adapter.requires_grad_(adapter_name == name)
 
 
 @contextlib.contextmanager
@@ -168,9 +193,11 @@ def disabled_adapters(model: nn.Module) -> Iterator[None]:
     switches = [m for _, m in wrapped_layers(model)] + [m for _, m in saved_module_copies(model)]
     for module in switches:
         module.disabled = True
+    set_model_adapters_disabled(model, True)
     try:
         yield
     finally:
+        set_model_adapters_disabled(model, False)
         for module in switches:
             module.disabled = False
         for name, names in merged.items():
@@ -194,6 +221,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             del copies.modules_to_save[name]
         if not copies.modules_to_save:
             _replace_submodule(model, module_name, copies.original_module)
+    detach_model_adapter(model, name)
     del book.configs[name]
     set_active_adapters(model, [n for n in book.active if n != name])
 
@@ -201,6 +229,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def merge_adapters(model: nn.Module, names: list[str] | None = None, *, safe: bool = False) -> None:
     """Fold adapters into the base weights (default: the active ones). ``safe`` checks for NaN/Inf first."""
     names = list(adapter_book(model).active) if names is None else names
+    refuse_merge(model, names)
     _refuse_unmergeable_layers(model, names)
     for _, layer in wrapped_layers(model):
         layer.merge([n for n in names if n in layer.adapters], safe)
@@ -219,7 +248,6 @@ def _refuse_unmergeable_layers(model: nn.Module, names: list[str]) -> None:
                 )
 
 
-
 def unmerge_adapters(model: nn.Module) -> None:
     for _, layer in wrapped_layers(model):
         layer.unmerge()
@@ -235,6 +263,8 @@ def merge_and_unload(model: nn.Module, names: list[str] | None = None, *, safe: 
     for module_name, copies in list(saved_module_copies(model)):
         _replace_submodule(model, module_name, copies.current())
         _untie_if_needed(model, module_name)
+    for model_adapter_name, _ in list(model_adapters(model)):
+        detach_model_adapter(model, model_adapter_name)  # inactive ones: unloading discards them, as layer adapters
     object.__setattr__(model, BOOK_ATTRIBUTE, AdapterBook())
     return model
 
@@ -269,4 +299,8 @@ def adapter_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
         if name in copies.modules_to_save:
             for pname, param in copies.modules_to_save[name].named_parameters():
                 params[f"{module_name}.modules_to_save.{name}.{pname}"] = param
+    for adapter_name, model_adapter in model_adapters(model):
+        if adapter_name == name:
+            for pname, param in model_adapter.named_parameters():
+                params[f"{CONTAINER_ATTRIBUTE}.adapters.{name}.{pname}"] = param
     return params

@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from tuneforge.adapters.model import saved_module_copies, wrapped_layers
+from tuneforge.adapters.model_level import model_adapters
 
 LORAPLUS_ROLES = ("lora_B", "lora_embedding_B")
 
@@ -25,6 +26,9 @@ def loraplus_param_groups(model: nn.Module, lr: float, *, weight_decay: float = 
     for _, copies in saved_module_copies(model):
         for replica in copies.modules_to_save.values():
             base.extend(p for p in replica.parameters() if p.requires_grad)
+    for _, model_adapter in model_adapters(model):
+        for params in model_adapter.parameter_roles().values():
+            base.extend(p for p in params if p.requires_grad)
     groups = [{"params": base, "lr": lr, "weight_decay": weight_decay, "name": "adapter"}]
     if boosted:
         groups.append({"params": boosted, "lr": lr * loraplus_ratio, "weight_decay": weight_decay, "name": "lora_B"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +26,7 @@ from tuneforge.adapters.model import (
     set_trainable_adapter,
     wrapped_layers,
 )
+from tuneforge.adapters.model_level import load_model_adapter_tensors, model_adapter_peft_fields, model_adapter_state
 from tuneforge.adapters.registry import get_method, method_for_peft_type
 from tuneforge.errors import AdapterError, ConfigError
 from tuneforge.fileio import atomic_write, atomic_write_json, atomic_write_text
@@ -32,6 +34,20 @@ from tuneforge.fileio import atomic_write, atomic_write_json, atomic_write_text
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# Tensors a method keeps once per adapter rather than once per layer (VeRA's projections, VB-LoRA's
+# vector bank) sit right under the tuner: ``base_model.vera_A``.
+MODEL_LEVEL_PREFIX = "base_model."
+
+
+@runtime_checkable
+class SharesFileTensors(Protocol):
+    """A layer adapter whose method also stores model-level tensors, shared by all its layers."""
+
+    def shared_file_tensors(self) -> dict[str, torch.Tensor]:
+        """Leaf name under ``base_model.`` -> tensor; every layer of one adapter returns the same ones."""
+
+    def load_shared_file_tensors(self, tensors: dict[str, torch.Tensor], path: Path) -> set[str]:
+        """Take what this adapter needs from the file's model-level tensors; returns the leaves used."""
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -39,12 +55,17 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     state = {}
     for layer_name, layer in wrapped_layers(model):
         if name in layer.adapters:
-            for leaf, tensor in layer.adapters[name].file_tensors().items():
+            adapter = layer.adapters[name]
+            for leaf, tensor in adapter.file_tensors().items():
                 state[f"{PREFIX}{layer_name}.{leaf}"] = tensor
+            if isinstance(adapter, SharesFileTensors):
+                for leaf, tensor in adapter.shared_file_tensors().items():
+                    state[f"{MODEL_LEVEL_PREFIX}{leaf}"] = tensor
     for module_name, copies in saved_module_copies(model):
         if name in copies.modules_to_save:
             for leaf, tensor in copies.file_tensors(name).items():
                 state[f"{PREFIX}{module_name}.{leaf}"] = tensor
+    state.update(model_adapter_state(model, name))  # model-level methods name their full keys
     return state
 
 
@@ -60,6 +81,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     peft_config = config.to_peft_dict()
     if any(getattr(layer.adapters[name], "transposed", False) for _, layer in wrapped_layers(model) if name in layer.adapters):
         peft_config["fan_in_fan_out"] = True  # PEFT expects the flag for GPT-2's Conv1D layers
+    peft_config.update(model_adapter_peft_fields(model, name))
     peft_config.update(
         base_model_name_or_path=base_model_name or _base_model_name(model),
         task_type=_task_type(model),
@@ -165,12 +187,27 @@ def fill_adapter_weights(model: nn.Module, name: str, tensors: dict[str, torch.T
             where = f"{PREFIX}{module_name}"
             own = {k[len(where) + 1:]: remaining.pop(k) for k in list(remaining) if k.startswith(where + ".")}
             _load_module_copy(copies.modules_to_save[name], own, where, path)
+    load_model_adapter_tensors(model, name, remaining, path)
+    _load_shared_tensors(model, name, remaining, path)
     _load_base_layer_overrides(model, remaining, path)
     if remaining:
         raise AdapterError(
             f"{path}: tensors {sorted(remaining)[:5]} match no adapted module of this model; "
             "the adapter was made for a different base model or target_modules"
         )
+
+
+def _load_shared_tensors(model: nn.Module, name: str, remaining: dict[str, torch.Tensor], path: Path) -> None:
+    """Model-level tensors go to every layer adapter that shares them; what none uses stays unmatched."""
+    shared = {k[len(MODEL_LEVEL_PREFIX):]: v for k, v in remaining.items()
+              if k.startswith(MODEL_LEVEL_PREFIX) and not k.startswith(PREFIX)}
+    used: set[str] = set()
+    for _, layer in wrapped_layers(model):
+        adapter = layer.adapters[name] if name in layer.adapters else None
+        if isinstance(adapter, SharesFileTensors):
+            used |= adapter.load_shared_file_tensors(shared, path)
+    for leaf in used:
+        remaining.pop(MODEL_LEVEL_PREFIX + leaf, None)
 
 
 def _load_module_copy(module: nn.Module, tensors: dict[str, torch.Tensor], where: str, path: Path) -> None:

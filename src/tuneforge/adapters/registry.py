@@ -4,7 +4,8 @@ Two kinds of methods plug in:
 - **layer** methods wrap target modules in ``AdaptedLayer`` and provide a ``build`` factory that
   returns one ``LayerAdapter`` for one base layer (LoRA, DoRA, IA3, bottleneck adapters, ...);
 - **model** methods change the model's inputs or cache rather than a layer (prompt/prefix tuning,
-  hidden-state interventions) and provide ``attach``/``detach`` callables instead.
+  hidden-state interventions) and provide an ``attach`` factory instead: (model, config, adapter name,
+  **options) -> ``ModelAdapter``, whose ``detach()`` undoes it (see model_level.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from tuneforge.errors import ConfigError
 class MethodSpec:
     name: str
     config_class: type[AdapterConfig]
-    supported_layers: Callable[[], tuple[type[nn.Module], ...]]
+    supported_layers: Callable[[], tuple[type[nn.Module], ...]] = tuple
     build: Callable[[nn.Module, AdapterConfig, str], nn.Module] | None = None
+    # Model-level methods only (see model_level.py): (model, config, adapter name, **options) -> ModelAdapter.
+    attach: Callable[..., nn.Module] | None = None
     # Optional training-time hooks (see hooks.py): (model, adapter name, config) -> TrainingHooks | None.
     hooks: Callable[[nn.Module, str, AdapterConfig], object] | None = None
     description: str = ""
