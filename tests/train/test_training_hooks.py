@@ -62,3 +62,19 @@ def test_extra_loss_changes_training(tmp_path, monkeypatch):
     _, penalised = run_with_hooks(tmp_path, monkeypatch, 10.0, "penalised")
     assert plain[0] == penalised[0]  # the reported loss is the token loss alone
     assert plain[1:] != penalised[1:]  # but the penalty's gradient changed the steps taken
+
+
+def test_trainer_gives_prompt_tuning_the_tokenizer_for_text_init(tmp_path):
+    model, tokenizer = tiny_chat_model_and_tokenizer()
+    config = parse_train_config({
+        "output_dir": str(tmp_path / "text-init"),
+        "adapter": {"method": "prompt-tuning", "num_virtual_tokens": 3, "init": "text",
+                    "init_text": "How many apples"},
+        "data": {"train": "arithmetic", "options": {"size": 8}, "max_seq_len": 120, "eval_size": 0},
+        "training": {"max_steps": 1, "batch_size": 4, "lr": 1e-9, "seed": 3},
+    })
+    train(config, model_and_tokenizer=(model, tokenizer))
+    prompt = model.tuneforge_model_adapters.adapters["default"].prompt_embeddings.detach()
+    ids = tokenizer("How many apples", add_special_tokens=False)["input_ids"]
+    expected = model.get_input_embeddings().weight.detach()[(ids * 3)[:3]]
+    torch.testing.assert_close(prompt, expected, atol=1e-5, rtol=0)  # lr ~0: still the text's embeddings

@@ -51,7 +51,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if config.quantization is not None and model_and_tokenizer is not None:
         _quantize_base(model, config)  # a model we did not load: quantize it in place
     torch.manual_seed(config.training.seed)  # adapter init must not depend on what loading consumed
-    add_adapter(model, config.adapter, ADAPTER_NAME)
+    add_adapter(model, config.adapter, ADAPTER_NAME, **_attach_options(config, tokenizer))
     model.to(device)
     hooks = training_hooks(model, ADAPTER_NAME)
     if hooks.needs_data():
@@ -137,6 +137,16 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     )
     save_summary(summary)
     return summary
+
+
+def _attach_options(config: TrainConfig, tokenizer) -> dict:
+    """A model-level method whose attach takes the tokenizer gets it (prompt tuning's text init)."""
+    import inspect
+
+    from tuneforge.adapters import get_method
+
+    attach = get_method(config.adapter.method).attach
+    return {"tokenizer": tokenizer} if attach is not None and "tokenizer" in inspect.signature(attach).parameters else {}
 
 
 def _load_base(config: TrainConfig, device: torch.device):
