@@ -83,6 +83,37 @@ CASES = [
         r=4, dropout=0.1, target_modules=["c_attn", "c_proj"]), make_model=tiny_gpt2),
     # --- end section: rank allocation ---
     # --- section: parameter sharing ---
+    AdapterCase("vera-llama", lambda: __import__("tuneforge.adapters.vera", fromlist=["_"]).VeraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    AdapterCase("vera-llama-no-projection-dropout", lambda: __import__("tuneforge.adapters.vera", fromlist=["_"]).VeraConfig(
+        r=8, save_projection=False, dropout=0.1, target_modules=["o_proj", "up_proj"])),
+    AdapterCase("vera-gpt2-conv1d", lambda: __import__("tuneforge.adapters.vera", fromlist=["_"]).VeraConfig(
+        r=4, target_modules=["c_attn", "c_proj"]), make_model=tiny_gpt2),
+    AdapterCase("lora-xs-llama", lambda: __import__("tuneforge.adapters.lora_xs", fromlist=["_"]).LoraXsConfig(
+        r=4, alpha=8, target_modules=["q_proj", "k_proj", "down_proj"])),
+    AdapterCase("lora-xs-gpt2-conv1d-dropout", lambda: __import__("tuneforge.adapters.lora_xs", fromlist=["_"]).LoraXsConfig(
+        r=4, dropout=0.1, target_modules=["c_attn", "c_fc"]), make_model=tiny_gpt2),
+    AdapterCase("vb-lora-llama", lambda: __import__("tuneforge.adapters.vb_lora", fromlist=["_"]).VbLoraConfig(
+        r=4, num_vectors=16, vector_length=8, target_modules=["q_proj", "k_proj", "down_proj"]),
+        identity_at_init=False),
+    AdapterCase("vb-lora-gpt2-conv1d-topk-file", lambda: __import__("tuneforge.adapters.vb_lora", fromlist=["_"]).VbLoraConfig(
+        r=2, num_vectors=8, vector_length=16, topk=3, save_only_topk_weights=True, target_modules=["c_attn"]),
+        make_model=tiny_gpt2, identity_at_init=False),
+    AdapterCase("road-1-llama", lambda: __import__("tuneforge.adapters.road", fromlist=["_"]).RoadConfig(
+        group_size=8, target_modules=["q_proj", "k_proj", "down_proj"])),
+    AdapterCase("road-4-llama", lambda: __import__("tuneforge.adapters.road", fromlist=["_"]).RoadConfig(
+        variant="road_4", group_size=16, target_modules=["v_proj", "up_proj"])),
+    AdapterCase("road-2-gpt2-conv1d-bias", lambda: __import__("tuneforge.adapters.road", fromlist=["_"]).RoadConfig(
+        variant="road_2", group_size=4, target_modules=["c_attn", "c_proj"]), make_model=tiny_gpt2),
+    AdapterCase("mos-llama", lambda: __import__("tuneforge.adapters.mos", fromlist=["_"]).MosConfig(
+        r=4, shards_per_vector=4, pool_size=24, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])),
+    AdapterCase("mos-gpt2-conv1d-private", lambda: __import__("tuneforge.adapters.mos", fromlist=["_"]).MosConfig(
+        r=2, shards_per_vector=4, private_shards=1, pool_size=8, dropout=0.1, target_modules=["c_attn", "c_fc"]),
+        make_model=tiny_gpt2),
+    AdapterCase("loretta-llama", lambda: __import__("tuneforge.adapters.loretta", fromlist=["_"]).LorettaConfig(
+        tt_rank=3, target_modules=["q_proj", "k_proj", "down_proj"])),
+    AdapterCase("loretta-gpt2-conv1d-dropout", lambda: __import__("tuneforge.adapters.loretta", fromlist=["_"]).LorettaConfig(
+        tt_rank=2, num_cores=2, dropout=0.1, target_modules=["c_attn", "c_proj"]), make_model=tiny_gpt2),
     # --- end section: parameter sharing ---
     # --- section: scaling, selective, bottleneck, sparse ---
     AdapterCase("ia3-llama-default", lambda: __import__("tuneforge.adapters.ia3", fromlist=["_"]).IA3Config()),

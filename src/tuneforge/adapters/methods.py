@@ -72,6 +72,60 @@ register_method(MethodSpec(
 # --- end section: rank allocation ---
 
 # --- section: parameter sharing (VeRA, VB-LoRA, MoS, LoRA-XS, LoRETTA, RoAd) ---
+from tuneforge.adapters.vera import VeraConfig, build_vera  # noqa: E402
+
+register_method(MethodSpec(
+    name="vera",
+    config_class=VeraConfig,
+    supported_layers=linear_layer_types,
+    build=build_vera,
+    description="VeRA: one frozen random projection pair for the model, trainable scaling vectors per layer",
+))
+from tuneforge.adapters.lora_xs import LoraXsConfig, build_lora_xs  # noqa: E402
+
+register_method(MethodSpec(
+    name="lora-xs",
+    config_class=LoraXsConfig,
+    supported_layers=linear_layer_types,
+    build=build_lora_xs,
+    description="LoRA-XS: trainable r x r core between the frozen top-r singular vectors of W",
+))
+from tuneforge.adapters.vb_lora import VbLoraConfig, build_vb_lora  # noqa: E402
+
+register_method(MethodSpec(
+    name="vb-lora",
+    config_class=VbLoraConfig,
+    supported_layers=linear_layer_types,
+    build=build_vb_lora,
+    description="VB-LoRA: LoRA factors composed as top-k mixtures of one shared vector bank",
+))
+from tuneforge.adapters.road import RoadConfig, build_road  # noqa: E402
+
+register_method(MethodSpec(
+    name="road",
+    config_class=RoadConfig,
+    supported_layers=linear_layer_types,
+    build=build_road,
+    description="RoAd: learned 2D rotation and scaling of paired output elements (road_1/road_2/road_4)",
+))
+from tuneforge.adapters.mos import MosConfig, build_mos  # noqa: E402
+
+register_method(MethodSpec(
+    name="mos",
+    config_class=MosConfig,
+    supported_layers=linear_layer_types,
+    build=build_mos,
+    description="MoS: LoRA factors concatenated from shard pools shared across layers, plus private shards",
+))
+from tuneforge.adapters.loretta import LorettaConfig, build_loretta  # noqa: E402
+
+register_method(MethodSpec(
+    name="loretta",
+    config_class=LorettaConfig,
+    supported_layers=linear_layer_types,
+    build=build_loretta,
+    description="LoRETTA: the weight update as a tensor train of small cores (LoRETTA_rep)",
+))
 # --- end section: parameter sharing ---
 
 # --- section: scaling, selective, bottleneck, sparse (IA3, BitFit, LN tuning, adapters, SHiRA, ...) ---
