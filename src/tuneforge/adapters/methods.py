@@ -9,6 +9,7 @@ from tuneforge.adapters.lora import build_lora
 from tuneforge.adapters.registry import MethodSpec, register_method
 from tuneforge.adapters.targeting import linear_layer_types
 
+
 def lora_init_hooks(model, adapter_name, config):
     """Data-driven LoRA inits (corda, lora-ga, eva) calibrate in TrainingHooks.prepare (adapters/inits/)."""
     from tuneforge.adapters.inits import lora_init_hooks as hooks_for_init
