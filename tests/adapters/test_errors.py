@@ -148,3 +148,13 @@ def test_merging_a_mix_with_an_unmergeable_adapter_changes_nothing():
     for key, value in model.state_dict().items():
         assert value.equal(before[key]), f"{key} changed by a refused merge"
     assert model(sample_ids()).logits.isfinite().all()
+
+
+def test_every_method_config_is_importable_from_the_package():
+    import tuneforge.adapters as adapters
+    from tuneforge.adapters import list_methods
+
+    for spec in list_methods():
+        assert getattr(adapters, spec.config_class.__name__) is spec.config_class
+    with pytest.raises(AttributeError, match="NoSuchConfig"):
+        adapters.NoSuchConfig  # noqa: B018

@@ -26,3 +26,13 @@ __all__ = [
     "merge_and_unload", "read_adapter_config", "register_method", "save_adapter",
     "set_active_adapters", "set_trainable_adapter", "trainable_parameters", "unmerge_adapters",
 ]
+
+
+def __getattr__(name: str):
+    """Every method's config class by its name (``from tuneforge.adapters import VeraConfig``), found
+    through the registry so that this file does not list each method."""
+    if name.endswith("Config"):
+        for spec in list_methods():
+            if spec.config_class.__name__ == name:
+                return spec.config_class
+    raise AttributeError(f"module 'tuneforge.adapters' has no attribute {name!r}")

@@ -9,9 +9,9 @@ import torch
 from tiny_models import VOCAB, perturb_trainable, tiny_llama
 
 from tuneforge.adapters import LoraConfig, add_adapter, load_adapter, save_adapter
-from tuneforge.adapters.lora_router import add_lora_router, compose_loras, mean_token_loss, search_lora_weights
 from tuneforge.adapters.model import wrapped_layers
 from tuneforge.errors import AdapterError, ConfigError
+from tuneforge.merge.lora_router import add_lora_router, compose_loras, mean_token_loss, search_lora_weights
 
 DOWN = "model.layers.1.mlp.down_proj"
 
