@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_command(commands, "eval", "evaluate a base model and adapters side by side", add_eval_arguments, run_eval)
     _add_command(commands, "chat", "chat with a base model (+ adapter) in the terminal", add_chat_arguments, run_chat)
+    from tuneforge.merge.command import register_commands as register_merge_commands  # merge, export, compress
+
+    register_merge_commands(commands, _add_command)
     _add_command(commands, "demo", "the main job: finetune smollm2-135m on a bundled task, before/after",
                  add_demo_arguments, run_demo)
     _add_command(commands, "methods", "list the adapter methods (adapter.method values) and what each does",
