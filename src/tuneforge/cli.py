@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_command(commands, "eval", "evaluate a base model and adapters side by side", add_eval_arguments, run_eval)
     _add_command(commands, "chat", "chat with a base model (+ adapter) in the terminal", add_chat_arguments, run_chat)
+    from tuneforge.serve.command import add_serve_arguments, run_serve
+
+    _add_command(commands, "serve", "serve a base model and many adapters over an OpenAI-compatible HTTP API",
+                 add_serve_arguments, run_serve)
     from tuneforge.merge.command import register_commands as register_merge_commands  # merge, export, compress
 
     register_merge_commands(commands, _add_command)
@@ -63,7 +67,6 @@ def run_methods(args) -> int:
         table.add_row(spec.name, spec.config_class.peft_type or "-", escape(spec.description))
     Console(width=160).print(table)
     return 0
-
 
 
 def _add_train(commands) -> None:

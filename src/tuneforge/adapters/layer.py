@@ -8,10 +8,15 @@ output (weight deltas such as LoRA, output scaling, bottleneck modules)::
     x ──transform_input (each adapter)──> base_layer ──transform_output (each adapter)──> out
 
 Serving many adapters in one batch sets ``row_adapters`` (one adapter name or None per row);
-adapters then apply only to their own rows (see ``_forward_per_row``).
+adapters then apply only to their own rows (see ``_forward_per_row``). Plain LoRA adapters are
+applied to the whole batch at once, BGMV style (Chen et al. 2023, Punica; Sheng et al. 2023,
+S-LoRA): each row gathers its adapter's A and s·B from stacks padded to the largest rank, then two
+batched matmuls give every row its own low-rank delta; rows without an adapter gather zeros.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -73,6 +78,14 @@ class LayerAdapter(nn.Module):
         """Parameters by role, for optimizer groups (LoRA+ gives 'lora_B' its own learning rate)."""
         return {"default": list(self.parameters())}
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A (r, in), B (out, r), scaling) when ``transform_output`` is exactly ``out + scaling·B A x``.
+
+        Per-row serving gathers these into one batched computation; None (the default) makes the
+        adapter go through its own ``transform_output`` on its rows instead.
+        """
+        return None
+
 
 def _write_weight(weight: nn.Parameter, merged: torch.Tensor, safe: bool, adapter: nn.Module) -> None:
     if safe and not torch.isfinite(merged).all():
@@ -94,6 +107,7 @@ class AdaptedLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.row_adapters: list[str | None] | None = None
+        self._row_stacks: _RowStacks | None = None
 
     def live_adapters(self) -> list[LayerAdapter]:
         if self.disabled:
@@ -113,19 +127,34 @@ class AdaptedLayer(nn.Module):
         return out
 
     def _forward_per_row(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Each batch row uses its own adapter (or none): base once, then each adapter on its rows."""
+        """Each batch row uses its own adapter (or none): the base runs once for the whole batch, the
+        gatherable (LoRA) adapters add their deltas in one batched computation, and any other
+        output-side adapter transforms its own rows."""
         if self.merged:
             raise AdapterError("per-row adapters need unmerged adapters; call unmerge_adapters(model) first")
-        names = self.row_adapters
+        names = tuple(self.row_adapters)
         if len(names) != x.shape[0]:
             raise AdapterError(f"row_adapters has {len(names)} names for a batch of {x.shape[0]} rows")
-        if any(self.adapters[n].modifies_input for n in set(names) if n in self.adapters):
-            raise AdapterError("per-row batching supports output-side adapters only (e.g. LoRA), not input scaling")
+        stacks = self._current_row_stacks()
+        plan = stacks.plan(names, self.adapters, x.device)
         out = self.base_layer(x, *args, **kwargs)
-        for name in dict.fromkeys(n for n in names if n is not None and n in self.adapters):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+        if plan.slots is not None:
+            out = out + stacks.delta(x, plan.slots).to(out.dtype)
+        for name, rows in plan.own_rows:
             out = out.index_copy(0, rows, self.adapters[name].transform_output(x[rows], out[rows], self.base_layer))
         return out
+
+    def _current_row_stacks(self) -> _RowStacks:
+        """The stacked factors of this layer's gatherable adapters, rebuilt only when the adapter set
+        (or the train/eval mode, or a trainable adapter's weights) changed: a decoding step with the
+        same adapters loaded restacks nothing."""
+        key = (self.training, tuple(self.adapters.keys()), tuple(map(id, self.adapters.values())))
+        stacks = self._row_stacks
+        if stacks is None or stacks.key != key or stacks.weights_changed():
+            factors = {name: f for name, adapter in self.adapters.items()
+                       if (f := _gatherable_factors(adapter)) is not None}
+            self._row_stacks = stacks = _RowStacks(key, factors, tuple(self.adapters.values()))
+        return stacks
 
     def merge(self, names: list[str], safe: bool) -> None:
         for name in names:
@@ -145,3 +174,81 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={self.merged}"
+
+
+def _gatherable_factors(adapter: LayerAdapter) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    # Dropout is random per call, so a training-mode adapter with dropout keeps its own path.
+    dropout = getattr(adapter, "dropout", None)
+    if adapter.training and dropout is not None and not isinstance(dropout, nn.Identity):
+        return None
+    factors = adapter.low_rank_factors()
+    if factors is not None:
+        return factors
+    from tuneforge.adapters.lora import LoraLinear  # lora.py imports this module
+
+    if type(adapter) is LoraLinear:  # subclasses (DoRA) change transform_output
+        return adapter.lora_A, adapter.lora_B, adapter.scaling
+    return None
+
+
+class _RowPlan(NamedTuple):
+    slots: torch.Tensor | None  # (B,) stack slot per row; None when no row uses a gatherable adapter
+    own_rows: list[tuple[str, torch.Tensor]]  # other adapters: (name, their rows)
+
+
+class _RowStacks:
+    """A layer's LoRA factors stacked for gathering by row (BGMV).
+
+    Slot 0 holds zeros (rows with no adapter, or an adapter this layer does not carry); slot i+1
+    holds adapter i with A zero-padded to the largest rank and the scaling folded into B, so padding
+    contributes exactly nothing and every row's delta is s·B A x. The stacks are copies made without
+    gradient tracking: this path serves inference. Weights of frozen adapters are taken as fixed
+    (serving loads them once); trainable ones are re-checked through their version counters.
+    """
+
+    def __init__(self, key: tuple, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+                 adapters: tuple[LayerAdapter, ...]):
+        self.key = key
+        # The key holds the adapters' ids; keeping the adapters alive keeps a deleted adapter's id
+        # from being reused by a newly loaded one, which would look unchanged.
+        self._adapters = adapters
+        self.index = {name: slot + 1 for slot, name in enumerate(factors)}
+        self._watched = [(t, t._version) for a, b, _ in factors.values() for t in (a, b) if t.requires_grad]
+        self._last_plan: tuple[tuple, _RowPlan] | None = None
+        if not factors:
+            return
+        first_a, first_b, _ = next(iter(factors.values()))
+        rank = max(a.shape[0] for a, _, _ in factors.values())
+        self.a = first_a.new_zeros((len(factors) + 1, rank, first_a.shape[1]))  # (n+1, R, in)
+        self.b = first_b.new_zeros((len(factors) + 1, first_b.shape[0], rank))  # (n+1, out, R)
+        with torch.no_grad():
+            for slot, (a, b, scaling) in enumerate(factors.values(), start=1):
+                self.a[slot, : a.shape[0]] = a
+                self.b[slot, :, : b.shape[1]] = b * scaling
+
+    def weights_changed(self) -> bool:
+        return any(tensor._version != version for tensor, version in self._watched)
+
+    def plan(self, names: tuple, adapters: nn.ModuleDict, device: torch.device) -> _RowPlan:
+        """Which rows gather which slot, and which rows go through their adapter's own path.
+        Decoding steps repeat the same names, so the last plan is kept."""
+        if self._last_plan is not None and self._last_plan[0] == names:
+            return self._last_plan[1]
+        present = [n for n in dict.fromkeys(names) if n is not None and n in adapters]
+        if any(adapters[n].modifies_input for n in present):
+            raise AdapterError("per-row batching supports output-side adapters only (e.g. LoRA), not input scaling")
+        slots = None
+        if any(n in self.index for n in present):
+            slots = torch.tensor([self.index.get(n, 0) for n in names], dtype=torch.long, device=device)
+        own_rows = [(name, torch.tensor([i for i, n in enumerate(names) if n == name], device=device))
+                    for name in present if name not in self.index]
+        plan = _RowPlan(slots, own_rows)
+        self._last_plan = (names, plan)
+        return plan
+
+    def delta(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """s·B A x for each row with its own adapter: x (B, ..., in) -> (B, ..., out)."""
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.a.dtype)  # (B, T, in)
+        low = torch.bmm(flat, self.a[slots].transpose(1, 2))  # (B, T, R)
+        delta = torch.bmm(low, self.b[slots].transpose(1, 2))  # (B, T, out)
+        return delta.reshape(*x.shape[:-1], delta.shape[-1])

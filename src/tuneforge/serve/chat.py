@@ -4,10 +4,10 @@
     printf 'What is 2+3?\\n' | tuneforge chat      # piped: one answer per input line, exits at EOF
 
 The whole conversation is re-rendered with the chat template for every reply, exactly as training
-rendered it. Tokens are printed as they are generated: `generate` runs in a worker thread feeding a
-`TextIteratorStreamer`, and the main thread prints from it, so the main thread stays free to receive
-Ctrl-C. Ctrl-C then sets an event that a stopping criterion checks after each token, ending that
-reply only; the session continues.
+rendered it. Replies come from the serving engine (`serve/engine.py`), the same one `tuneforge serve`
+runs: a worker thread steps the engine while the main thread prints each delta as it arrives, so the
+main thread stays free to receive Ctrl-C. Ctrl-C cancels the request, which ends at the engine's
+next step; the session continues.
 """
 
 from __future__ import annotations
@@ -18,16 +18,17 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from tuneforge.adapters import load_adapter
+from tuneforge.adapters.model import adapter_book
 from tuneforge.data import TEMPLATE_NAMES, Message
 from tuneforge.errors import ConfigError
 from tuneforge.eval.command import adapter_directory
-from tuneforge.eval.generation import PromptFormat, padding_id, stop_token_ids
+from tuneforge.eval.generation import PromptFormat
 from tuneforge.models import DTYPE_CHOICES, load_model
+from tuneforge.serve.engine import Engine, GenerationRequest
+from tuneforge.serve.sampling import SamplingParams
 
 DEFAULT_MODEL = "smollm2-135m"
 ADAPTER_NAME = "chat"
@@ -57,64 +58,52 @@ class ReplySettings:
         if self.temperature < 0:
             raise ConfigError(f"--temperature {self.temperature} must be >= 0 (0 means greedy decoding)")
 
-    def generate_options(self) -> dict:
-        if self.temperature == 0:
-            # A checkpoint's sampling defaults (temperature, top_p) mean nothing under greedy decoding.
-            return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        return dict(do_sample=True, temperature=self.temperature)
+    def sampling_params(self, room: int) -> SamplingParams:
+        """Greedy at temperature 0; `room` is what the context has left after the prompt."""
+        if room < 1:
+            raise ConfigError("the conversation fills the model's whole context; type /reset to start a new one")
+        return SamplingParams(max_tokens=min(self.max_new_tokens, room), temperature=self.temperature)
 
 
 @dataclass(frozen=True)
 class Reply:
     text: str
     interrupted: bool  # Ctrl-C ended it early
+    generated_tokens: int = 0
 
 
-class _StopWhenSet(StoppingCriteria):
-    """Ends generation after the current token once `event` is set (by Ctrl-C in the main thread)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def stream_reply(model: nn.Module, tokenizer, prompt_ids: list[int], settings: ReplySettings,
-                 on_text: Callable[[str], None]) -> Reply:
+def stream_reply(engine: Engine, prompt_ids: list[int], settings: ReplySettings,
+                 on_text: Callable[[str], None], adapter: str | None = None) -> Reply:
     """Generate a reply to `prompt_ids`, passing each decoded piece to `on_text` as it arrives."""
-    stop_ids = stop_token_ids(model, tokenizer)
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)  # (1, T)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    interrupt = threading.Event()
+    params = settings.sampling_params(room=engine.max_model_len - len(prompt_ids))
+    handle = engine.submit(GenerationRequest(tuple(prompt_ids), params, adapter))
     failures: list[BaseException] = []
 
-    def generate() -> None:
+    def drive() -> None:
         try:
-            model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                max_new_tokens=settings.max_new_tokens, pad_token_id=padding_id(model, tokenizer, stop_ids),
-                eos_token_id=stop_ids, stopping_criteria=StoppingCriteriaList([_StopWhenSet(interrupt)]),
-                **settings.generate_options(),
-            )
-        except BaseException as error:  # re-raised in the main thread, which must not wait forever
+            engine.run_until_done(handle)
+        except BaseException as error:  # re-raised in the main thread; the handle has failed already
             failures.append(error)
-            streamer.end()
 
-    worker = threading.Thread(target=generate, name="tuneforge-chat-generate", daemon=True)
+    worker = threading.Thread(target=drive, name="tuneforge-chat-engine", daemon=True)
     worker.start()
     pieces: list[str] = []
+    interrupted = False
     try:
-        for piece in streamer:
-            pieces.append(piece)
-            on_text(piece)
+        for delta in handle.deltas():
+            if delta.text:
+                pieces.append(delta.text)
+                on_text(delta.text)
     except KeyboardInterrupt:
-        interrupt.set()
+        interrupted = True
+        handle.cancel()
+    except Exception:
+        if not failures:
+            raise
     worker.join()
     if failures:
         raise failures[0]
-    return Reply("".join(pieces).strip(), interrupted=interrupt.is_set())
+    return Reply("".join(pieces).strip(), interrupted=interrupted, generated_tokens=len(handle.result().token_ids))
 
 
 @dataclass
@@ -127,8 +116,15 @@ class ChatSession:
     settings: ReplySettings
     system: str | None = None
     history: list[Message] = field(default_factory=list)
+    adapter: str | None = None  # default: the model's active adapter, if it has exactly one
 
     def __post_init__(self):
+        if self.adapter is None:
+            active = adapter_book(self.model).active
+            if len(active) > 1:
+                raise ConfigError(f"the model has several active adapters {active}; pass ChatSession(adapter=...)")
+            self.adapter = active[0] if active else None
+        self.engine = Engine(self.model, self.tokenizer, max_batch_size=1, max_queue=1)
         self.reset()
 
     def reset(self) -> None:
@@ -138,7 +134,7 @@ class ChatSession:
         self.history.append(Message("user", user_text))
         try:
             prompt_ids = self.prompt_format.encode(self.history, self.tokenizer)
-            reply = stream_reply(self.model, self.tokenizer, prompt_ids, self.settings, on_text)
+            reply = stream_reply(self.engine, prompt_ids, self.settings, on_text, self.adapter)
         except BaseException:
             self.history.pop()  # a failed turn leaves the conversation as it was
             raise

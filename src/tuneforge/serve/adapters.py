@@ -1,0 +1,254 @@
+"""Adapters on demand: load by name from one directory, keep the most recently used in memory.
+
+An adapter is a subdirectory of `adapters_dir` in PEFT format (adapter_config.json +
+adapter_model.safetensors); its name is the subdirectory's name, restricted to letters, digits,
+'_' and '-', and resolved so that it can never point outside the directory (no '..', no absolute
+paths, no separators, no symlink leading out).
+
+Lifecycle of a loaded adapter:
+
+    on disk --acquire/load--> loaded (users = running + waiting requests) --release--> idle
+    idle --LRU eviction (unpinned only) or unload--> on disk
+    unload while in use: draining until its last request finishes, then unloaded
+
+Loading and unloading change the model's modules, so they run under `model_lock`, which the engine
+holds during each step; bookkeeping has its own small lock, so requests for an adapter that is
+already loaded never wait for a step. Lock order: model_lock, then the bookkeeping lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from tuneforge.adapters import delete_adapter, load_adapter
+from tuneforge.adapters.model import saved_module_copies, wrapped_layers
+from tuneforge.adapters.peft_format import CONFIG_FILE
+from tuneforge.errors import AdapterError, ConfigError, TuneforgeError
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+class UnknownAdapterError(AdapterError):
+    """No adapter of that name exists (in memory or in the adapters directory)."""
+
+
+class InvalidAdapterNameError(AdapterError):
+    """The name could reach outside the adapters directory, or is not a plain name."""
+
+
+class AdapterCapacityError(TuneforgeError):
+    """Every loaded adapter is pinned or in use, so no room can be made for another one now."""
+
+
+@dataclass
+class _Loaded:
+    name: str
+    method: str
+    users: int = 0
+    pinned: bool = False
+    draining: bool = False  # unload asked while in use: unload when the last user leaves
+    last_used: int = 0
+
+
+class AdapterManager:
+    def __init__(self, model: nn.Module, adapters_dir: str | Path | None, max_loaded_adapters: int = 8):
+        if max_loaded_adapters < 1:
+            raise ConfigError(f"max_loaded_adapters={max_loaded_adapters} must be >= 1")
+        self.model = model
+        self.directory = Path(adapters_dir) if adapters_dir is not None else None
+        if self.directory is not None and not self.directory.is_dir():
+            raise ConfigError(f"--adapters-dir {self.directory} is not a directory; create it or point to the folder holding your adapters")
+        self.max_loaded = max_loaded_adapters
+        self.model_lock = threading.RLock()
+        self._lock = threading.Lock()
+        self._loaded: dict[str, _Loaded] = {}
+        self._clock = itertools.count(1)
+        self.version = 0  # changes whenever the model's modules change (the engine caches its layer list)
+
+    # ---- used by the engine -----------------------------------------------------------------
+
+    def acquire(self, name: str) -> None:
+        """Count one more request on adapter `name`, loading it first if needed."""
+        with self._lock:
+            if self._take(name):
+                return
+        with self.model_lock:
+            with self._lock:
+                if self._take(name):
+                    return
+            self._load(name)
+            with self._lock:
+                self._take(name)
+
+    def release(self, name: str) -> None:
+        with self._lock:
+            entry = self._loaded.get(name)
+            if entry is None:
+                return
+            entry.users -= 1
+            unload_now = entry.users == 0 and entry.draining
+        if unload_now:
+            with self.model_lock:
+                self._unload_if_idle(name)
+
+    # ---- run-time control -------------------------------------------------------------------
+
+    def load(self, name: str, pin: bool = False) -> dict:
+        with self.model_lock:
+            with self._lock:
+                loaded = name in self._loaded
+            if not loaded:
+                self._load(name)
+            with self._lock:
+                entry = self._loaded[name]
+                entry.draining = False
+                entry.pinned = entry.pinned or pin
+                entry.last_used = next(self._clock)
+                return self._describe(entry)
+
+    def unload(self, name: str) -> dict:
+        """Unload now if idle; otherwise unload when the requests using it finish (none is lost)."""
+        self.check_name(name)
+        with self.model_lock:
+            with self._lock:
+                entry = self._loaded.get(name)
+                if entry is None:
+                    raise UnknownAdapterError(f"adapter '{name}' is not loaded; loaded: {sorted(self._loaded) or 'none'}")
+                entry.pinned = False
+                entry.draining = True
+                in_use = entry.users
+            if in_use == 0:
+                self._unload_if_idle(name)
+        return {"name": name, "status": "unloaded" if in_use == 0 else "draining", "in_use": in_use}
+
+    def pin(self, name: str) -> dict:
+        return self.load(name, pin=True)
+
+    def unpin(self, name: str) -> None:
+        with self._lock:
+            if name in self._loaded:
+                self._loaded[name].pinned = False
+
+    # ---- what exists ------------------------------------------------------------------------
+
+    def loaded(self) -> list[dict]:
+        with self._lock:
+            return [self._describe(entry) for entry in self._loaded.values()]
+
+    def available(self) -> list[str]:
+        """Names of the adapters in the directory plus those in memory, sorted."""
+        names = set()
+        if self.directory is not None:
+            for child in self.directory.iterdir():
+                if NAME_PATTERN.fullmatch(child.name) and (child / CONFIG_FILE).is_file() and self._inside(child):
+                    names.add(child.name)
+        with self._lock:
+            names.update(self._loaded)
+        return sorted(names)
+
+    def knows(self, name: str) -> bool:
+        with self._lock:
+            if name in self._loaded:
+                return True
+        try:
+            self.adapter_path(name)
+        except AdapterError:
+            return False
+        return True
+
+    def check_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise InvalidAdapterNameError("an adapter name must be a non-empty string")
+        if os.path.isabs(name) or "/" in name or "\\" in name:
+            raise InvalidAdapterNameError(f"adapter name {name!r} must be a plain name, not a path; use the name of a folder inside the adapters directory")
+        if ".." in name:
+            raise InvalidAdapterNameError(f"adapter name {name!r} must not contain '..'")
+        if not NAME_PATTERN.fullmatch(name):
+            raise InvalidAdapterNameError(f"adapter name {name!r} may use only letters, digits, '_' and '-' (at most 128)")
+
+    def adapter_path(self, name: str) -> Path:
+        """The adapter's folder, after checking the name cannot lead outside the adapters directory."""
+        self.check_name(name)
+        if self.directory is None:
+            raise UnknownAdapterError(f"unknown model '{name}': this server has no adapters directory")
+        path = self.directory / name
+        if not path.is_dir() or not (path / CONFIG_FILE).is_file():
+            raise UnknownAdapterError(f"unknown model '{name}': no adapter folder {path} with {CONFIG_FILE}; "
+                                      f"available adapters: {self.available() or 'none'}")
+        if not self._inside(path):
+            raise InvalidAdapterNameError(f"adapter '{name}' is a link that leads outside the adapters directory; refusing it")
+        return path
+
+    def _inside(self, path: Path) -> bool:
+        return path.resolve().is_relative_to(self.directory.resolve())
+
+    # ---- internals (model_lock held) --------------------------------------------------------
+
+    def _take(self, name: str) -> bool:
+        entry = self._loaded.get(name)
+        if entry is None:
+            return False
+        entry.users += 1
+        entry.draining = False  # asked for again: serve it rather than finish unloading it
+        entry.last_used = next(self._clock)
+        return True
+
+    def _load(self, name: str) -> None:
+        path = self.adapter_path(name)
+        self._make_room()
+        self.version += 1
+        config = load_adapter(self.model, path, name=name, activate=False)
+        try:
+            self._check_servable(name)
+        except AdapterError:
+            delete_adapter(self.model, name)
+            raise
+        with self._lock:
+            self._loaded[name] = _Loaded(name, config.method, last_used=next(self._clock))
+
+    def _check_servable(self, name: str) -> None:
+        if any(name in copies.modules_to_save for _, copies in saved_module_copies(self.model)):
+            raise AdapterError(f"adapter '{name}' replaces whole modules (modules_to_save), which cannot differ per "
+                               "batch row; serve it merged (tuneforge merge) instead")
+        scaling = [layer_name for layer_name, layer in wrapped_layers(self.model)
+                   if name in layer.adapters and layer.adapters[name].modifies_input]
+        if scaling:
+            raise AdapterError(f"adapter '{name}' scales layer inputs ({scaling[0]}), which per-row batching does not "
+                               "support; serve it merged instead")
+
+    def _make_room(self) -> None:
+        while True:
+            with self._lock:
+                if len(self._loaded) < self.max_loaded:
+                    return
+                idle = [e for e in self._loaded.values() if e.users == 0 and not e.pinned]
+                if not idle:
+                    raise AdapterCapacityError(
+                        f"all {self.max_loaded} adapter slots hold adapters that are pinned or in use; retry later, "
+                        "unpin one, or raise --max-loaded-adapters"
+                    )
+                victim = min(idle, key=lambda e: e.last_used)
+                del self._loaded[victim.name]
+            self.version += 1
+            delete_adapter(self.model, victim.name)
+
+    def _unload_if_idle(self, name: str) -> None:
+        with self._lock:
+            entry = self._loaded.get(name)
+            if entry is None or entry.users > 0 or not entry.draining:
+                return
+            del self._loaded[name]
+        self.version += 1
+        delete_adapter(self.model, name)
+
+    @staticmethod
+    def _describe(entry: _Loaded) -> dict:
+        return {"name": entry.name, "method": entry.method, "pinned": entry.pinned, "in_use": entry.users,
+                "draining": entry.draining}

@@ -1,0 +1,419 @@
+"""The OpenAI-compatible HTTP API over the engine (FastAPI).
+
+    GET  /v1/models              the base model and every adapter (with `parent`: the base)
+    POST /v1/completions         prompt text (or token ids) -> text; `stream: true` for SSE chunks
+    POST /v1/chat/completions    messages -> reply, rendered with the tokenizer's chat template
+    POST /v1/adapters/load       {"name", "pin"?}     POST /v1/adapters/unload   {"name"}
+    GET  /health                 GET /metrics (Prometheus text)
+
+The `model` field picks the adapter: the base model's name means no adapter. Errors keep OpenAI's
+shape, {"error": {"message", "type", "param", "code"}}, and their status comes from the exception
+type alone (`ERROR_STATUS`), never from the message text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tuneforge.data import Message
+from tuneforge.errors import AdapterError, ConfigError, DataError, TuneforgeError
+from tuneforge.eval.generation import PromptFormat
+from tuneforge.serve.adapters import AdapterCapacityError, AdapterManager, InvalidAdapterNameError, UnknownAdapterError
+from tuneforge.serve.engine import (
+    Completion,
+    Delta,
+    Engine,
+    EngineStoppedError,
+    EngineTimeoutError,
+    GenerationRequest,
+    RequestError,
+)
+from tuneforge.serve.metrics import prometheus_text
+from tuneforge.serve.sampling import SamplingParams
+from tuneforge.serve.scheduler import QueueFullError
+
+DEFAULT_CHAT_MAX_TOKENS = 256
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, error_type: str, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.error_type, self.code, self.param = status, message, error_type, code, param
+
+
+# Most specific first: the first matching type decides (status, OpenAI error type, code).
+ERROR_STATUS: list[tuple[type[BaseException], int, str, str]] = [
+    (UnknownAdapterError, 404, "invalid_request_error", "model_not_found"),
+    (InvalidAdapterNameError, 400, "invalid_request_error", "invalid_model_name"),
+    (QueueFullError, 429, "rate_limit_error", "queue_full"),
+    (AdapterCapacityError, 503, "server_error", "adapters_busy"),
+    (EngineTimeoutError, 503, "server_error", "timeout"),
+    (EngineStoppedError, 503, "server_error", "engine_unavailable"),
+    (RequestError, 400, "invalid_request_error", "invalid_request"),
+    (ConfigError, 400, "invalid_request_error", "invalid_value"),
+    (DataError, 400, "invalid_request_error", "invalid_value"),
+    (AdapterError, 400, "invalid_request_error", "invalid_adapter"),
+    (TuneforgeError, 400, "invalid_request_error", None),
+]
+
+
+def api_error_for(error: BaseException) -> ApiError:
+    if isinstance(error, ApiError):
+        return error
+    for kind, status, error_type, code in ERROR_STATUS:
+        if isinstance(error, kind):
+            return ApiError(status, str(error), error_type, code)
+    return ApiError(500, f"internal error: {type(error).__name__}", "server_error", "internal_error")
+
+
+def error_body(error: ApiError) -> dict:
+    return {"error": {"message": error.message, "type": error.error_type, "param": error.param, "code": error.code}}
+
+
+# ---- request bodies ---------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
+    n: int = Field(default=1, ge=1, le=1)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+
+class CompletionBody(_Body):
+    prompt: str | list[int]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: Literal[False] = False
+
+
+class ChatMessageBody(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[dict]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessageBody] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=5)
+
+
+class AdapterBody(BaseModel):
+    name: str
+    pin: bool = False
+
+
+# ---- the service ------------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    engine: Engine
+    adapters: AdapterManager | None
+    model_name: str
+    api_key: str | None = None
+    request_timeout: float = 600.0
+    started: float = 0.0
+
+    def __post_init__(self):
+        self.started = time.time()
+        self.prompt_format = PromptFormat.for_tokenizer("auto", self.engine.tokenizer)
+
+    def adapter_for(self, model: str) -> str | None:
+        if model == self.model_name:
+            return None
+        if self.adapters is None:
+            raise UnknownAdapterError(f"unknown model '{model}': this server serves '{self.model_name}' only")
+        self.adapters.check_name(model)
+        return model
+
+    def sampling(self, body: _Body, max_tokens: int, logprobs: bool) -> SamplingParams:
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=body.top_k, seed=body.seed, stop=tuple(stop), logprobs=logprobs)
+
+    def encode_chat(self, messages: list[ChatMessageBody]) -> list[int]:
+        return self.prompt_format.encode([Message(m.role, m.text()) for m in messages], self.engine.tokenizer)
+
+    def token_texts(self, token_ids) -> list[str]:
+        return [self.engine.tokenizer.decode([t], skip_special_tokens=True) for t in token_ids]
+
+
+def create_app(engine: Engine, adapters: AdapterManager | None, model_name: str, *, api_key: str | None = None,
+               request_timeout: float = 600.0) -> FastAPI:
+    service = Service(engine, adapters, model_name, api_key, request_timeout)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="tuneforge", lifespan=lifespan)
+    app.state.service = service
+    _install_error_handlers(app)
+    authorized = [Depends(_key_checker(api_key))]
+
+    @app.get("/health")
+    def health():
+        if not engine.running_in_thread:
+            raise ApiError(503, "the engine is not running", "server_error", "engine_unavailable")
+        return {"status": "ok", "queue_depth": engine.scheduler.queue_depth, "running": len(engine.scheduler.running)}
+
+    @app.get("/metrics")
+    def metrics():
+        loaded = len(adapters.loaded()) if adapters is not None else 0
+        return PlainTextResponse(prometheus_text(engine.stats, loaded), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=authorized)
+    def models():
+        created = int(service.started)
+        entries = [{"id": model_name, "object": "model", "created": created, "owned_by": "tuneforge",
+                    "root": model_name, "parent": None}]
+        for name in adapters.available() if adapters is not None else []:
+            entries.append({"id": name, "object": "model", "created": created, "owned_by": "tuneforge",
+                            "root": name, "parent": model_name})
+        return {"object": "list", "data": entries}
+
+    @app.post("/v1/adapters/load", dependencies=authorized)
+    async def load_adapter(body: AdapterBody):
+        manager = _require_manager(adapters)
+        return {"status": "loaded", **await run_in_threadpool(manager.load, body.name, body.pin)}
+
+    @app.post("/v1/adapters/unload", dependencies=authorized)
+    async def unload_adapter(body: AdapterBody):
+        return await run_in_threadpool(_require_manager(adapters).unload, body.name)
+
+    @app.post("/v1/completions", dependencies=authorized)
+    async def completions(body: CompletionBody, request: Request):
+        adapter = service.adapter_for(body.model)
+        prompt_ids = body.prompt if isinstance(body.prompt, list) else list(
+            engine.tokenizer(body.prompt)["input_ids"])
+        params = service.sampling(body, body.max_tokens or 16, logprobs=body.logprobs is not None)
+        return await _respond(service, request, GenerationRequest(tuple(prompt_ids), params, adapter), body,
+                              _CompletionFormat(service, body.model))
+
+    @app.post("/v1/chat/completions", dependencies=authorized)
+    async def chat_completions(body: ChatBody, request: Request):
+        adapter = service.adapter_for(body.model)
+        prompt_ids = service.encode_chat(body.messages)
+        room = engine.max_model_len - len(prompt_ids)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, min(DEFAULT_CHAT_MAX_TOKENS, room))
+        params = service.sampling(body, max_tokens, logprobs=body.logprobs)
+        return await _respond(service, request, GenerationRequest(tuple(prompt_ids), params, adapter), body,
+                              _ChatFormat(service, body.model))
+
+    return app
+
+
+def _require_manager(adapters: AdapterManager | None) -> AdapterManager:
+    if adapters is None:
+        raise ApiError(400, "this server has no adapters directory (start it with --adapters-dir)",
+                       "invalid_request_error", "no_adapters_dir")
+    return adapters
+
+
+def _key_checker(api_key: str | None):
+    def check(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           "invalid_request_error", "invalid_api_key")
+
+    return check
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError):
+        return JSONResponse(error_body(error), status_code=error.status)
+
+    @app.exception_handler(TuneforgeError)
+    async def tuneforge_error(request: Request, error: TuneforgeError):
+        api = api_error_for(error)
+        return JSONResponse(error_body(api), status_code=api.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {}
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(location) or None
+        message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request body")
+        return JSONResponse(error_body(ApiError(400, message, "invalid_request_error", "invalid_value", param)),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        api = ApiError(error.status_code, str(error.detail), "invalid_request_error", None)
+        return JSONResponse(error_body(api), status_code=error.status_code)
+
+
+# ---- answering --------------------------------------------------------------------------------
+
+
+async def _respond(service: Service, request: Request, generation: GenerationRequest, body: _Body, shape):
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+
+    def on_delta(item) -> None:  # called on the engine thread
+        loop.call_soon_threadsafe(events.put_nowait, item)
+
+    handle = await run_in_threadpool(service.engine.submit, generation, on_delta)
+    if body.stream:
+        return StreamingResponse(_sse(service, handle, events, shape, body.include_usage), media_type="text/event-stream")
+    deadline = loop.time() + service.request_timeout
+    try:
+        while True:
+            item = await asyncio.wait_for(events.get(), timeout=max(0.0, deadline - loop.time()))
+            if isinstance(item, BaseException):
+                raise item
+            if item.finish_reason is not None:
+                break
+    except asyncio.TimeoutError:
+        handle.cancel()
+        raise EngineTimeoutError(f"the request did not finish within {service.request_timeout:g} s; it was cancelled") from None
+    except asyncio.CancelledError:
+        handle.cancel()
+        raise
+    return shape.full(handle.result(0))
+
+
+async def _sse(service: Service, handle, events: asyncio.Queue, shape, include_usage: bool) -> AsyncIterator[str]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + service.request_timeout
+    try:
+        yield _event(shape.first_chunk())
+        while True:
+            try:
+                item = await asyncio.wait_for(events.get(), timeout=max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                handle.cancel()
+                item = EngineTimeoutError(f"the request did not finish within {service.request_timeout:g} s")
+            if isinstance(item, BaseException):
+                yield _event(error_body(api_error_for(item)))
+                break
+            if item.text or item.finish_reason is not None:
+                yield _event(shape.chunk(item))
+            if item.finish_reason is not None:
+                if include_usage:
+                    yield _event({**shape.chunk(item), "choices": [], "usage": _usage(handle.result(0))})
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        if not handle.done:
+            handle.cancel()  # the client went away: free the row
+
+
+def _event(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class _CompletionFormat:
+    """OpenAI's text_completion objects."""
+
+    def __init__(self, service: Service, model: str):
+        self.service, self.model = service, model
+        self.id, self.created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def _logprobs(self, token_ids, logprobs) -> dict | None:
+        if logprobs is None:
+            return None
+        tokens = self.service.token_texts(token_ids)
+        offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": None, "text_offset": offsets}
+
+    def full(self, result: Completion) -> dict:
+        choice = {"index": 0, "text": result.text, "logprobs": self._logprobs(result.token_ids, result.logprobs),
+                  "finish_reason": _openai_reason(result.finish_reason)}
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [choice], "usage": _usage(result)}
+
+    def first_chunk(self) -> dict:
+        return self._chunk("", None, None)
+
+    def chunk(self, delta: Delta) -> dict:
+        logprobs = self._logprobs(delta.token_ids, delta.logprobs) if delta.logprobs else None
+        return self._chunk(delta.text, logprobs, _openai_reason(delta.finish_reason))
+
+    def _chunk(self, text: str, logprobs, finish_reason) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+class _ChatFormat:
+    """OpenAI's chat.completion and chat.completion.chunk objects."""
+
+    def __init__(self, service: Service, model: str):
+        self.service, self.model = service, model
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def _logprobs(self, token_ids, logprobs) -> dict | None:
+        if not logprobs:
+            return None
+        return {"content": [{"token": text, "logprob": value, "bytes": list(text.encode("utf-8")), "top_logprobs": []}
+                            for text, value in zip(self.service.token_texts(token_ids), logprobs)]}
+
+    def full(self, result: Completion) -> dict:
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                  "logprobs": self._logprobs(result.token_ids, result.logprobs),
+                  "finish_reason": _openai_reason(result.finish_reason)}
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [choice], "usage": _usage(result)}
+
+    def first_chunk(self) -> dict:
+        return self._chunk({"role": "assistant", "content": ""}, None, None)
+
+    def chunk(self, delta: Delta) -> dict:
+        content = {"content": delta.text} if delta.text else {}
+        return self._chunk(content, self._logprobs(delta.token_ids, delta.logprobs), _openai_reason(delta.finish_reason))
+
+    def _chunk(self, delta: dict, logprobs, finish_reason) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+def _openai_reason(reason: str | None) -> str | None:
+    # OpenAI knows "stop" and "length"; a cancelled request ended early, like a stop.
+    return "stop" if reason == "cancelled" else reason
+
+
+def _usage(result: Completion) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}

@@ -1,0 +1,79 @@
+"""`tuneforge serve`: one base model, many adapters, an OpenAI-compatible HTTP API.
+
+    tuneforge serve --model smollm2-135m --adapters-dir adapters/ --port 8000
+    curl localhost:8000/v1/completions -d '{"model": "my-adapter", "prompt": "Hi", "max_tokens": 16}'
+
+Every subdirectory of --adapters-dir holding a PEFT-format adapter is a model the API serves under
+the subdirectory's name; the base model answers to --served-model-name (default: --model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tuneforge.errors import ConfigError
+from tuneforge.models import DTYPE_CHOICES, load_model
+
+DEFAULT_MODEL = "smollm2-135m"
+API_KEY_VARIABLE = "TUNEFORGE_API_KEY"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"base model: embedded name, local path or hub id (default {DEFAULT_MODEL})")
+    parser.add_argument("--adapters-dir", default=None, metavar="DIR", help="folder whose subfolders are adapters, served by folder name")
+    parser.add_argument("--served-model-name", default=None, metavar="NAME", help="the base model's name in the API (default: --model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_VARIABLE} if set)")
+    parser.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="most requests decoded together (default 8)")
+    parser.add_argument("--max-loaded-adapters", type=int, default=8, metavar="N", help="adapters kept in memory, LRU (default 8)")
+    parser.add_argument("--max-queue", type=int, default=64, metavar="N", help="most requests waiting; beyond it the API answers 429 (default 64)")
+    parser.add_argument("--max-model-len", type=int, default=None, metavar="N", help="longest prompt + reply in tokens (default: the model's, at most 2048)")
+    parser.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="seconds before a request fails with 503 (default 600)")
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES), help="dtype of the base weights (default auto)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+
+
+def check_serve_arguments(args: argparse.Namespace) -> None:
+    for flag in ("max_batch_size", "max_loaded_adapters", "max_queue"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be a positive integer")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise ConfigError(f"--max-model-len {args.max_model_len} must be at least 2")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port {args.port} must be in 1..65535")
+    if args.request_timeout <= 0:
+        raise ConfigError(f"--request-timeout {args.request_timeout} must be positive")
+    if args.adapters_dir is not None and not os.path.isdir(args.adapters_dir):
+        raise ConfigError(f"--adapters-dir {args.adapters_dir} is not a directory; create it or point to the folder holding your adapters")
+
+
+def build_app(args: argparse.Namespace):
+    """Load the model and wire engine, adapter manager and API together (no server started)."""
+    from tuneforge.serve.adapters import AdapterManager
+    from tuneforge.serve.api import create_app
+    from tuneforge.serve.engine import Engine
+
+    check_serve_arguments(args)  # before the slow load
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    manager = AdapterManager(loaded.model, args.adapters_dir, args.max_loaded_adapters) if args.adapters_dir else None
+    engine = Engine(loaded.model, loaded.tokenizer, adapters=manager, max_batch_size=args.max_batch_size,
+                    max_queue=args.max_queue, max_model_len=args.max_model_len)
+    api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    return create_app(engine, manager, args.served_model_name or args.model, api_key=api_key,
+                      request_timeout=args.request_timeout)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app = build_app(args)
+    service = app.state.service
+    adapters = service.adapters.available() if service.adapters is not None else []
+    print(f"Serving {service.model_name} + {len(adapters)} adapter(s) at http://{args.host}:{args.port}/v1 "
+          f"(OpenAI-compatible){' with an API key' if service.api_key else ''}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

@@ -1,0 +1,64 @@
+"""`tuneforge serve`: arguments are checked before the model loads, and the app it builds answers."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from fastapi.testclient import TestClient
+from serve_helpers import chat_model, chat_tokenizer, save_all_adapters
+
+from tuneforge.cli import main
+from tuneforge.errors import ConfigError
+from tuneforge.models import LoadedModel
+from tuneforge.serve import command
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    command.add_serve_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture
+def fake_load(monkeypatch):
+    tokenizer = chat_tokenizer()
+    calls = []
+
+    def load(name, *, dtype="auto", device="cpu"):
+        calls.append(name)
+        return LoadedModel(chat_model(tokenizer), tokenizer, name, local_dir=None)
+
+    monkeypatch.setattr(command, "load_model", load)
+    load.calls, load.tokenizer = calls, tokenizer
+    return load
+
+
+def test_serve_builds_an_app_with_the_adapters_dir(fake_load, tmp_path, monkeypatch):
+    save_all_adapters(fake_load.tokenizer, tmp_path)
+    monkeypatch.setenv(command.API_KEY_VARIABLE, "from-env")
+    app = command.build_app(_args("--model", "tiny", "--adapters-dir", str(tmp_path), "--max-batch-size", "2"))
+    with TestClient(app) as client:
+        headers = {"Authorization": "Bearer from-env"}
+        ids = [m["id"] for m in client.get("/v1/models", headers=headers).json()["data"]]
+        assert ids == ["tiny", "alpha", "beta", "gamma"]
+        answer = client.post("/v1/completions", headers=headers,
+                             json={"model": "beta", "prompt": "Hi", "max_tokens": 3, "temperature": 0})
+        assert answer.status_code == 200
+    assert app.state.service.engine.scheduler.max_batch_size == 2 and fake_load.calls == ["tiny"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--max-batch-size", "0"), "--max-batch-size 0 must be a positive integer"),
+    (("--port", "70000"), "--port 70000"),
+    (("--adapters-dir", "/nonexistent/adapters"), "is not a directory"),
+])
+def test_bad_arguments_fail_before_the_model_loads(fake_load, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        command.build_app(_args(*argv))
+    assert fake_load.calls == []
+
+
+def test_the_cli_prints_the_error_instead_of_a_traceback(fake_load, capsys):
+    assert main(["serve", "--max-queue", "0"]) == 2
+    assert "--max-queue 0 must be a positive integer" in capsys.readouterr().err
