@@ -6,6 +6,7 @@ import copy
 import json
 
 import pytest
+import torch
 from tiny_models import tiny_llama
 
 from tuneforge.adapters import LoraConfig, add_adapter, load_adapter, save_adapter
@@ -158,3 +159,18 @@ def test_every_method_config_is_importable_from_the_package():
         assert getattr(adapters, spec.config_class.__name__) is spec.config_class
     with pytest.raises(AttributeError, match="NoSuchConfig"):
         adapters.NoSuchConfig  # noqa: B018
+
+
+def test_a_block_called_by_keyword_can_be_wrapped():
+    # Llama calls self_attn(hidden_states=...): wrapping the whole attention block must still work.
+    from tiny_models import sample_ids
+
+    from tuneforge.adapters import add_adapter
+    from tuneforge.adapters.bottleneck import BottleneckConfig
+
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    add_adapter(model, BottleneckConfig(target_modules=["self_attn"], reduction_factor=4))
+    assert type(model.model.layers[0].self_attn).__name__ == "AdaptedLayer"
+    ids = sample_ids()
+    assert torch.equal(model(ids).logits, base(ids).logits)  # zero-init up-projection: unchanged

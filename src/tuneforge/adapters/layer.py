@@ -114,7 +114,16 @@ class AdaptedLayer(nn.Module):
             return []
         return [self.adapters[name] for name in self.active if name in self.adapters and name not in self.merged]
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        # transformers calls some blocks by keyword (``self_attn(hidden_states=...)``): the wrapped
+        # module's input is the first positional argument or ``hidden_states``.
+        if args:
+            x, args = args[0], args[1:]
+        elif "hidden_states" in kwargs:
+            x = kwargs.pop("hidden_states")
+        else:
+            raise AdapterError(f"{type(self.base_layer).__name__} was called without an input tensor "
+                               f"(keywords: {sorted(kwargs)}); it cannot be wrapped by an adapter")
         if self.row_adapters is not None and not self.disabled:
             return self._forward_per_row(x, *args, **kwargs)
         live = self.live_adapters()
