@@ -5,13 +5,15 @@ and a ~1.1B random-initialised Llama config (TinyLlama's shape). Reported for th
 layers (what QLoRA quantizes; goal <= 0.27x, i.e. ~4.13 bits per parameter) and for the whole model
 (embeddings and norms stay in bf16).
 
-Part 2 — one LoRA training setup (r=16 on all linear layers, packed rows of --seq-len tokens, AdamW)
-run twice on the 1.1B config, each in its own child process so that its peak RSS is its own:
-  (a) bf16 LoRA: the base loaded in bf16 from safetensors;
-  (b) QLoRA: the base quantized to NF4+double quant *as it loads* (the bf16 model never exists),
-      bf16 compute.
+Part 2 — one LoRA training setup (r=16 on all linear layers, rows of --seq-len tokens, AdamW) run
+twice on the 1.1B config, each in its own child process so that its peak RSS is its own:
+  (a) LoRA: the base loaded in --dtype (bf16 by default) from safetensors;
+  (b) QLoRA: the base quantized to NF4+double quant *as it loads* (the full-precision model never
+      exists), computing in --dtype.
 Peak process memory (max RSS over the child's life: loading included) and the median step time over
-steps 2..N are reported, with the ratios QLoRA / bf16 (goals: memory <= 0.5x, step time <= 1.3x).
+steps 2..N are reported, with the ratios QLoRA / LoRA (goals: memory <= 0.5x, step time <= 1.3x).
+On CPUs without bf16 matrix units, bf16 matmuls run tens of times slower than float32 (and partly
+single-threaded): use --dtype float32 there.
 
     python bench/quant_memory.py                       # both parts (~10 min on 2 CPU cores)
     python bench/quant_memory.py --model-size tiny     # a smoke test of the script in seconds
@@ -76,12 +78,12 @@ def part_one(model_size: str) -> dict:
     return results
 
 
-def save_random_model(model_size: str, directory: Path) -> None:
+def save_random_model(model_size: str, directory: Path, dtype: str) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM._from_config(LlamaConfig(**CONFIGS[model_size]), dtype=torch.bfloat16)
+    model = LlamaForCausalLM._from_config(LlamaConfig(**CONFIGS[model_size]), dtype=getattr(torch, dtype))
     model.save_pretrained(directory)
 
 
@@ -95,12 +97,13 @@ def child(args) -> dict:
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    dtype = getattr(torch, args.dtype)
     if args.side == "qlora":
-        model = load_quantized(args.model_dir, compute_dtype=torch.bfloat16, dtype=torch.bfloat16)
+        model = load_quantized(args.model_dir, compute_dtype=dtype, dtype=dtype)
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
     load_seconds = time.perf_counter() - start
     add_adapter(model, LoraConfig(r=16, alpha=32, target_modules="all-linear"))
     for param in model.parameters():  # adapter weights train in float32, as in the trainer
@@ -115,7 +118,7 @@ def child(args) -> dict:
         ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator)
         batch = {"input_ids": ids, "labels": ids.clone()}
         begin = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss_sum, count = token_loss_sum(model, batch, 1024)
         (loss_sum / count).backward()
         optimizer.step()
@@ -128,7 +131,8 @@ def child(args) -> dict:
 
 def run_side(side: str, model_dir: Path, args) -> dict:
     command = [sys.executable, __file__, "--child", side, "--model-dir", str(model_dir), "--steps", str(args.steps),
-               "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+               "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+               "--dtype", args.dtype]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{side} child failed:\n{done.stderr[-3000:]}")
@@ -142,8 +146,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="dtype of the LoRA base and of QLoRA's compute (float32 on CPUs without bf16 matmul units)")
     parser.add_argument("--skip-part-one", action="store_true")
-    parser.add_argument("--child", choices=["bf16", "qlora"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["lora", "qlora"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -160,16 +166,16 @@ def main() -> None:
                   f"{row['bits_per_param']:.3f} bits/param); whole model {row['total_ratio']:.3f}x")
     with tempfile.TemporaryDirectory(prefix="tuneforge-quant-bench-") as tmp:
         model_dir = Path(tmp) / "model"
-        save_random_model(args.model_size, model_dir)
-        sides = {side: run_side(side, model_dir, args) for side in ("bf16", "qlora")}
+        save_random_model(args.model_size, model_dir, args.dtype)
+        sides = {side: run_side(side, model_dir, args) for side in ("lora", "qlora")}
     report["training"] = sides
-    memory_ratio = sides["qlora"]["peak_rss_mb"] / sides["bf16"]["peak_rss_mb"]
-    time_ratio = sides["qlora"]["median_step_seconds"] / sides["bf16"]["median_step_seconds"]
+    memory_ratio = sides["qlora"]["peak_rss_mb"] / sides["lora"]["peak_rss_mb"]
+    time_ratio = sides["qlora"]["median_step_seconds"] / sides["lora"]["median_step_seconds"]
     report["ratios"] = {"peak_memory": memory_ratio, "step_time": time_ratio}
     for side, row in sides.items():
         print(f"{side:>5}: peak RSS {row['peak_rss_mb']:.0f} MiB, load {row['load_seconds']:.1f} s, "
               f"median step {row['median_step_seconds']:.2f} s")
-    print(f"QLoRA / bf16 LoRA on llama-{args.model_size}: peak memory {memory_ratio:.2f}x (goal <= 0.5x), "
+    print(f"QLoRA / {args.dtype} LoRA on llama-{args.model_size}: peak memory {memory_ratio:.2f}x (goal <= 0.5x), "
           f"step time {time_ratio:.2f}x (goal <= 1.3x)")
     print(json.dumps(report))
 
