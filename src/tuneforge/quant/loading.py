@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -36,24 +35,30 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 class _TensorReader:
-    """Random access to the tensors of a (possibly sharded) safetensors checkpoint."""
+    """Random access to the tensors of a (possibly sharded) safetensors checkpoint.
 
-    def __init__(self, model_dir: Path, stack: ExitStack):
+    Each read opens the file, copies one tensor out and closes it again: a file kept open stays
+    memory-mapped, and every page read through the mapping would then count in the process's memory
+    until the end of the load (the whole checkpoint, for a load that touches every tensor).
+    """
+
+    def __init__(self, model_dir: Path):
         files = sorted(model_dir.glob("*.safetensors"))
         if not files:
             raise ModelLoadError(f"{model_dir} holds no .safetensors files; quantized loading reads safetensors "
                                  "checkpoints (convert .bin checkpoints with save_pretrained(safe_serialization=True))")
-        self.where: dict[str, object] = {}
+        self.where: dict[str, Path] = {}
         for file in files:
-            handle = stack.enter_context(safe_open(str(file), framework="pt"))
-            for key in handle.keys():
-                self.where[key] = handle
+            with safe_open(str(file), framework="pt") as handle:
+                for key in handle.keys():
+                    self.where[key] = file
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
 
     def get(self, key: str) -> torch.Tensor:
-        return self.where[key].get_tensor(key)
+        with safe_open(str(self.where[key]), framework="pt") as handle:
+            return handle.get_tensor(key).clone()  # owned memory, not a view of the mapping
 
 
 def _empty_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
@@ -113,22 +118,21 @@ def load_quantized(model_dir: str | Path, *, bits: int = 4, quant_type: str = "n
     model = _empty_model(model_dir, dtype)
     skip = list(skip_modules or [])
     targets = {name for name, module in model.named_modules() if isinstance(module, nn.Linear) and not is_skipped(name, skip)}
-    with ExitStack() as stack:
-        reader = _TensorReader(model_dir, stack)
-        for name in sorted(targets):
-            linear = model.get_submodule(name)
-            weight_key = f"{name}.weight"
-            if weight_key not in reader:
-                if getattr(model.config, "tie_word_embeddings", False) and linear.weight is model.get_input_embeddings().weight:
-                    continue  # a tied head: quantized after the embedding is read (below)
-                raise ModelLoadError(f"{model_dir}: the checkpoint has no tensor '{weight_key}'")
-            weight = reader.get(weight_key).to(dtype)
-            state = quantize_int8(weight) if bits == 8 else quantize_4bit(
-                weight, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
-            bias = reader.get(f"{name}.bias").to(dtype) if linear.bias is not None else None
-            _replace(model, name, QuantLinear(state, bias, compute_dtype=compute_dtype))
-            del weight
-        _load_remaining(model, reader)
+    reader = _TensorReader(model_dir)
+    for name in sorted(targets):
+        linear = model.get_submodule(name)
+        weight_key = f"{name}.weight"
+        if weight_key not in reader:
+            if getattr(model.config, "tie_word_embeddings", False) and linear.weight is model.get_input_embeddings().weight:
+                continue  # a tied head: quantized after the embedding is read (below)
+            raise ModelLoadError(f"{model_dir}: the checkpoint has no tensor '{weight_key}'")
+        weight = reader.get(weight_key).to(dtype)
+        state = quantize_int8(weight) if bits == 8 else quantize_4bit(
+            weight, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+        bias = reader.get(f"{name}.bias").to(dtype) if linear.bias is not None else None
+        _replace(model, name, QuantLinear(state, bias, compute_dtype=compute_dtype))
+        del weight
+    _load_remaining(model, reader)
     _quantize_tied_head(model, targets, bits, quant_type, double_quant, blocksize, compute_dtype)
     return _finish(model, model_dir)
 
@@ -186,11 +190,10 @@ def load_saved_quantized(directory: str | Path) -> nn.Module:
         raise ModelLoadError(f"{path} not found: {directory} was not written by save_quantized")
     layers = json.loads(path.read_text(encoding="utf-8"))["layers"]
     model = _empty_model(directory, torch.float32)
-    with ExitStack() as stack:
-        reader = _TensorReader(directory, stack)
-        for name, record in layers.items():
-            _replace(model, name, _layer_from_file(reader, name, record, directory))
-        _load_remaining(model, reader)
+    reader = _TensorReader(directory)
+    for name, record in layers.items():
+        _replace(model, name, _layer_from_file(reader, name, record, directory))
+    _load_remaining(model, reader)
     return _finish(model, directory)
 
 
