@@ -137,3 +137,15 @@ def test_qlora_training_quantizes_the_base_and_trains_the_adapter(tmp_path):
 def test_bad_quantization_settings_are_config_errors():
     with pytest.raises(ConfigError, match="quantization.type='nf5'"):
         parse_train_config({"quantization": {"type": "nf5"}})
+
+
+def test_quantized_compute_dtype_auto_is_float32_on_cpu(tmp_path):
+    from tuneforge.quant import QuantLinear
+
+    cfg = config(tmp_path, max_steps=1, save_every=None)
+    cfg.quantization = {"bits": 4}
+    assert cfg.quantization.compute_dtype == "auto"
+    model, tokenizer = tiny_chat_model_and_tokenizer()
+    train(cfg, model_and_tokenizer=(model, tokenizer))
+    dtypes = {m.compute_dtype for m in model.modules() if isinstance(m, QuantLinear)}
+    assert dtypes == {torch.float32}

@@ -40,7 +40,9 @@ class QuantConfig(Section):
     type: Literal["nf4", "fp4", "int8"] = Field("nf4", description="codebook")
     double_quant: bool = Field(True, description="quantize the per-block scales too (QLoRA §3)")
     blocksize: int = Field(64, description="values per absmax block")
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="dtype of the dequantized matmul")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the dequantized matmul; auto: bfloat16 on a GPU, float32 on a CPU "
+                            "(CPUs without bf16 units run bf16 matmuls many times slower)")
     skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="modules left in full precision")
 
 

@@ -49,7 +49,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     model, tokenizer = model_and_tokenizer or _load_base(config, device)
     data = prepare_data(config, tokenizer)
     if config.quantization is not None and model_and_tokenizer is not None:
-        _quantize_base(model, config)  # a model we did not load: quantize it in place
+        _quantize_base(model, config, device)  # a model we did not load: quantize it in place
     torch.manual_seed(config.training.seed)  # adapter init must not depend on what loading consumed
     add_adapter(model, config.adapter, ADAPTER_NAME, **_attach_options(config, tokenizer))
     model.to(device)
@@ -152,23 +152,26 @@ def _attach_options(config: TrainConfig, tokenizer) -> dict:
 def _load_base(config: TrainConfig, device: torch.device):
     from tuneforge.models import load_model
 
-    quantization = _quant_settings(config) if config.quantization is not None else None
+    quantization = _quant_settings(config, device) if config.quantization is not None else None
     # QLoRA: the Linear layers are quantized as they are read, so the full-precision model never exists.
     loaded = load_model(config.model, dtype=config.dtype, device=str(device), quantization=quantization)
     return loaded.model, loaded.tokenizer
 
 
-def _quant_settings(config: TrainConfig) -> dict:
+def _quant_settings(config: TrainConfig, device: torch.device) -> dict:
     quant = config.quantization
+    compute = quant.compute_dtype
+    if compute == "auto":
+        compute = "bfloat16" if device.type == "cuda" else "float32"
     return dict(bits=quant.bits, quant_type=quant.type, double_quant=quant.double_quant, blocksize=quant.blocksize,
-                compute_dtype=getattr(torch, quant.compute_dtype), skip_modules=quant.skip_modules)
+                compute_dtype=getattr(torch, compute), skip_modules=quant.skip_modules)
 
 
-def _quantize_base(model: nn.Module, config: TrainConfig) -> None:
+def _quantize_base(model: nn.Module, config: TrainConfig, device: torch.device) -> None:
     """QLoRA on a model passed in: its Linear layers become 4-bit (or int8) before the adapter is added."""
     from tuneforge.quant import quantize_model
 
-    quantize_model(model, **_quant_settings(config))
+    quantize_model(model, **_quant_settings(config, device))
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
