@@ -65,3 +65,15 @@ def test_errors_name_the_problem(tmp_path):
         load_quantized(tmp_path / "m")
     with pytest.raises(ModelLoadError, match="no quantized layers"):
         save_quantized(tiny_llama(), tmp_path / "x")
+
+
+def test_allocator_tuning_applies_on_glibc_linux():
+    import platform
+    import sys
+
+    from tuneforge.quant.allocator import return_large_buffers_to_os
+
+    applied = return_large_buffers_to_os()
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert applied
+    assert return_large_buffers_to_os() == applied  # idempotent

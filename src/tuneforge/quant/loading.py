@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tuneforge.errors import ModelLoadError
 from tuneforge.fileio import atomic_write, atomic_write_json
+from tuneforge.quant.allocator import return_large_buffers_to_os
 from tuneforge.quant.blockwise import DoubleQuant, QuantState, quantize_4bit
 from tuneforge.quant.int8 import Int8State, quantize_int8
 from tuneforge.quant.linear import QuantLinear, check_quant_settings
@@ -114,6 +115,7 @@ def load_quantized(model_dir: str | Path, *, bits: int = 4, quant_type: str = "n
                    skip_modules: Sequence[str] | None = ("lm_head",), dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load a transformers checkpoint with every non-skipped Linear quantized as it is read."""
     check_quant_settings(bits, quant_type, blocksize, compute_dtype)
+    return_large_buffers_to_os()
     model_dir = Path(model_dir)
     model = _empty_model(model_dir, dtype)
     skip = list(skip_modules or [])

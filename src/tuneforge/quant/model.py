@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from tuneforge.quant.allocator import return_large_buffers_to_os
 from tuneforge.quant.linear import QuantLinear, check_quant_settings
 
 
@@ -22,6 +23,7 @@ def quantize_model(model: nn.Module, bits: int = 4, quant_type: str = "nf4", dou
     ``quant_type``, ``blocksize`` and ``double_quant`` apply to ``bits=4``; ``bits=8`` is int8 per row.
     """
     check_quant_settings(bits, quant_type, blocksize, compute_dtype)
+    return_large_buffers_to_os()
     skip = list(skip_modules or [])
     targets = [name for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and not is_skipped(name, skip)]
