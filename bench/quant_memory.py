@@ -87,6 +87,19 @@ def save_random_model(model_size: str, directory: Path, dtype: str) -> None:
     model.save_pretrained(directory)
 
 
+def peak_rss_mb() -> float:
+    """This process's own high-water RSS. Not ru_maxrss: Linux carries that over from the parent through
+    fork + exec, so a child of a parent that once held a big model would report the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(args) -> dict:
     """One side of part 2; prints its result as JSON on the last line."""
     import torch
@@ -124,7 +137,7 @@ def child(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - begin)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_rss_mb()
     return {"side": args.side, "peak_rss_mb": peak_mb, "load_seconds": load_seconds,
             "step_seconds": step_seconds, "median_step_seconds": statistics.median(step_seconds[1:] or step_seconds)}
 
