@@ -9,8 +9,9 @@ import peft
 import pytest
 import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_llama
+from peft_roundtrip import assert_peft_loads_ours
 
-from tuneforge.adapters import add_adapter, load_adapter, merge_adapters, save_adapter, unmerge_adapters
+from tuneforge.adapters import add_adapter, load_adapter, merge_adapters, unmerge_adapters
 from tuneforge.adapters.boft import BoftConfig, BoftLinear, butterfly_permutation
 from tuneforge.errors import AdapterError
 
@@ -97,17 +98,7 @@ INTEROP = [
 
 @pytest.mark.parametrize("case_id,kwargs", INTEROP, ids=[c[0] for c in INTEROP])
 def test_tuneforge_boft_loads_in_peft(case_id, kwargs, tmp_path):
-    base = tiny_llama()
-    model = copy.deepcopy(base)
-    add_adapter(model, BoftConfig(**kwargs))
-    perturb_trainable(model, scale=0.2)
-    ids = sample_ids()
-    save_adapter(model, tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    diff = (logits(theirs, ids) - logits(model, ids)).abs().max().item()
-    assert diff <= 1e-5, f"peft's logits differ by {diff}"
+    assert_peft_loads_ours(tiny_llama(), BoftConfig(**kwargs), tmp_path)
 
 
 @pytest.mark.parametrize("case_id,kwargs", INTEROP, ids=[c[0] for c in INTEROP])

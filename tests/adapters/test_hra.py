@@ -9,8 +9,9 @@ import peft
 import pytest
 import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_llama
+from peft_roundtrip import assert_peft_loads_ours
 
-from tuneforge.adapters import add_adapter, load_adapter, save_adapter
+from tuneforge.adapters import add_adapter, load_adapter
 from tuneforge.adapters.hooks import training_hooks
 from tuneforge.adapters.hra import HraConfig, HraLinear
 from tuneforge.errors import AdapterError
@@ -99,17 +100,7 @@ INTEROP = [
 
 @pytest.mark.parametrize("case_id,kwargs", INTEROP, ids=[c[0] for c in INTEROP])
 def test_tuneforge_hra_loads_in_peft(case_id, kwargs, tmp_path):
-    base = tiny_llama()
-    model = copy.deepcopy(base)
-    add_adapter(model, HraConfig(orthogonality_weight=1e-3, **kwargs))
-    perturb_trainable(model, scale=0.2)
-    ids = sample_ids()
-    save_adapter(model, tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    diff = (logits(theirs, ids) - logits(model, ids)).abs().max().item()
-    assert diff <= 1e-5, f"peft's logits differ by {diff}"
+    assert_peft_loads_ours(tiny_llama(), HraConfig(orthogonality_weight=1e-3, **kwargs), tmp_path)
 
 
 @pytest.mark.parametrize("case_id,kwargs", INTEROP, ids=[c[0] for c in INTEROP])
