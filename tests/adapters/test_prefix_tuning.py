@@ -13,6 +13,7 @@ from tiny_models import perturb_trainable, sample_ids, tiny_llama
 from tuneforge.adapters import add_adapter, load_adapter, save_adapter
 from tuneforge.adapters.prefix_tuning import PrefixTuningConfig
 from tuneforge.errors import AdapterError
+from tuneforge.models.cache_keyword import cache_keyword
 from tuneforge.losses import token_loss_sum
 
 VIRTUAL = 3
@@ -45,7 +46,7 @@ def naive_logits(base, table, ids):
                split[:, i, 1].transpose(0, 1)[None].expand(ids.shape[0], -1, -1, -1)) for i in range(layers)]
     mask = torch.ones(ids.shape[0], VIRTUAL + ids.shape[1], dtype=torch.long)
     with torch.no_grad():
-        return base(ids, past_key_values=DynamicCache(legacy), attention_mask=mask).logits
+        return base(ids, attention_mask=mask, **{cache_keyword(base): DynamicCache(legacy)}).logits
 
 
 def test_logits_match_a_hand_built_prefix_cache():

@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from tuneforge.adapters.config import AdapterConfig, TargetSpec
 from tuneforge.adapters.hooks import TrainingHooks
 from tuneforge.errors import AdapterError
+from tuneforge.models.cache_keyword import get_cache
 
 CONTAINER_ATTRIBUTE = "tuneforge_model_adapters"
 BackboneInputs = dict[str, Any]
@@ -254,7 +255,7 @@ def refuse_merge(model: nn.Module, names: list[str]) -> None:
 # --- helpers shared by the virtual-token methods (prompt tuning, P-tuning, prefix tuning) ---
 
 def past_length(inputs: BackboneInputs) -> int:
-    cache = inputs.get("past_key_values")
+    cache = get_cache(inputs)
     return int(cache.get_seq_length()) if cache is not None else 0
 
 

@@ -36,6 +36,7 @@ from tuneforge.adapters.model_level import (
     text_config,
 )
 from tuneforge.errors import AdapterError
+from tuneforge.models.cache_keyword import clear_output_cache, get_cache, set_cache
 
 
 class PrefixTuningConfig(ModelLevelConfig):
@@ -93,7 +94,7 @@ class PrefixTuningAdapter(ModelAdapter):
         finish = None
         if prefill:
             _refuse_checkpointed_layers(backbone)
-            cache = inputs.get("past_key_values")
+            cache = get_cache(inputs)
             if cache is None:
                 cache = DynamicCache(config=backbone.config)
                 if inputs.get("use_cache") is False:
@@ -101,7 +102,7 @@ class PrefixTuningAdapter(ModelAdapter):
             dtype = backbone.get_input_embeddings().weight.dtype
             for layer, (keys, values) in enumerate(self.layer_prefixes(batch_size(inputs), dtype)):
                 cache.update(keys, values, layer)
-            inputs["past_key_values"] = cache
+            set_cache(inputs, backbone, cache)
         extend_attention_mask(inputs, count, virtual_queries=False)
         shift_position_ids(inputs, count, prepend=False)
         return finish
@@ -143,7 +144,7 @@ def _refuse_checkpointed_layers(backbone: nn.Module) -> None:
 def _forget_cache(output: Any) -> Any:
     if isinstance(output, tuple):
         return output
-    output.past_key_values = None
+    clear_output_cache(output)
     return output
 
 

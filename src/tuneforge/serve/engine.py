@@ -25,6 +25,7 @@ from torch import nn
 
 from tuneforge.adapters.model import adapter_names, wrapped_layers
 from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.models.cache_keyword import cache_keyword
 from tuneforge.eval.generation import stop_token_ids
 from tuneforge.serve.kv_cache import SlotKVCache, decode_mask, prefill_mask
 from tuneforge.serve.metrics import EngineStats
@@ -212,6 +213,7 @@ class Engine:
         self.adapters = adapters
         self.lock = adapters.model_lock if adapters is not None else threading.RLock()
         self.decoder, self.head = _decoder_and_head(model)
+        self._cache_keyword = cache_keyword(self.decoder)
         self.device = next(model.parameters()).device
         config = model.config
         self.max_model_len = max_model_len or min(getattr(config, "max_position_embeddings", DEFAULT_MAX_MODEL_LEN),
@@ -375,7 +377,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 output = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                      past_key_values=self.cache, use_cache=True)
+                                      use_cache=True, **{self._cache_keyword: self.cache})
         finally:
             for layer in layers:
                 layer.row_adapters = None
