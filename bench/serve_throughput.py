@@ -117,9 +117,10 @@ def peft_generate(model, tokenizer, prompts, adapter_names=None, new_tokens: int
     input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
     extra = {"adapter_names": adapter_names} if adapter_names is not None else {}
     with torch.no_grad():
+        # No end-of-sequence token at all (not min_new_tokens, which would forbid it): every row generates
+        # exactly new_tokens tokens, as the engine's ignore_eos does, and greedy choices stay comparable.
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                             **extra)
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None, **extra)
     return out[:, input_ids.shape[1]:].tolist()
 
 
