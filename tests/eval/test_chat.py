@@ -72,6 +72,28 @@ def test_a_missing_adapter_fails_before_the_model_loads(monkeypatch, fake_load_m
     assert fake_load_model.calls == []
 
 
+def test_quantize_loads_the_base_quantized_for_the_chat(monkeypatch, fake_load_model):
+    from tuneforge.quant import QuantLinear
+
+    monkeypatch.setattr(chat, "load_model", fake_load_model)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    sessions = []
+    monkeypatch.setattr(chat, "chat_loop", lambda session, interactive: sessions.append(session) or 0)
+    assert run_chat(_parse("--quantize", "int8", "--device", "cpu")) == 0
+    assert fake_load_model.quantized["bits"] == 8
+    assert any(isinstance(module, QuantLinear) for module in sessions[0].model.modules())
+
+
+def test_a_bad_quantize_value_is_argparses_error(fake_load_model, monkeypatch, capsys):
+    from tuneforge.cli import main
+
+    monkeypatch.setattr(chat, "load_model", fake_load_model)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--quantize", "q4"])
+    assert exit_info.value.code == 2 and fake_load_model.calls == []
+    assert "argument --quantize: invalid choice: 'q4'" in capsys.readouterr().err
+
+
 def test_slash_exit_ends_the_session(monkeypatch, capsys, fake_load_model):
     monkeypatch.setattr(chat, "load_model", fake_load_model)
     monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\nnever answered\n"))

@@ -119,6 +119,23 @@ def test_qlora_adapter_is_exported_by_dequantize_merge_within_tolerance(saved, t
     assert plain.difference.max_abs_logit_diff < report.difference.max_abs_logit_diff
 
 
+def test_an_adapter_copied_out_of_its_run_is_still_known_as_qlora_by_its_record(saved, tmp_path):
+    from tuneforge.adapters.peft_format import TRAINING_FILE
+    from tuneforge.config.schema import QuantConfig
+    from tuneforge.merge.export import find_run_quantization
+
+    run = tmp_path / "run"  # a run config that says otherwise: the adapter's own record wins
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"adapter": {"r": 4}, "quantization": None}))
+    shutil.copytree(saved / "adapter", run / "adapter")
+    recorded = QuantConfig().model_dump(mode="json")  # what `tuneforge train` records: compute_dtype "auto"
+    (run / "adapter" / TRAINING_FILE).write_text(json.dumps({"base_quantization": recorded}))
+    assert find_run_quantization(run / "adapter") == recorded
+    report = export_model(str(saved / "base"), run / "adapter", tmp_path / "out", dtype="f32", prompts=PROMPTS)
+    assert report.quantized_base == recorded and "dequantize-merge" in report.notes[0]
+    assert report.difference.mean_kl < 5e-3
+
+
 def test_requantize_writes_a_quantized_model(saved, tmp_path):
     from tuneforge.quant.loading import load_saved_quantized
     from tuneforge.quant.model import quantized_layers

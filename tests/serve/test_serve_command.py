@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from serve_helpers import chat_model, chat_tokenizer, save_all_adapters
 
 from tuneforge.cli import main
 from tuneforge.errors import ConfigError
 from tuneforge.models import LoadedModel
+from tuneforge.quant import QuantLinear, quantize_model
 from tuneforge.serve import command
 
 
@@ -25,12 +27,16 @@ def fake_load(monkeypatch):
     tokenizer = chat_tokenizer()
     calls = []
 
-    def load(name, *, dtype="auto", device="cpu"):
+    def load(name, *, dtype="auto", device="cpu", quantization=None):
         calls.append(name)
-        return LoadedModel(chat_model(tokenizer), tokenizer, name, local_dir=None)
+        model = chat_model(tokenizer)
+        load.quantization = quantization
+        if quantization is not None:  # as load_model does, on the tiny model
+            quantize_model(model, **quantization)
+        return LoadedModel(model, tokenizer, name, local_dir=None)
 
     monkeypatch.setattr(command, "load_model", load)
-    load.calls, load.tokenizer = calls, tokenizer
+    load.calls, load.tokenizer, load.quantization = calls, tokenizer, None
     return load
 
 
@@ -62,3 +68,26 @@ def test_bad_arguments_fail_before_the_model_loads(fake_load, argv, message):
 def test_the_cli_prints_the_error_instead_of_a_traceback(fake_load, capsys):
     assert main(["serve", "--max-queue", "0"]) == 2
     assert "--max-queue 0 must be a positive integer" in capsys.readouterr().err
+
+
+def test_quantize_loads_the_base_quantized_and_serves_adapters_on_it(fake_load, tmp_path):
+    save_all_adapters(fake_load.tokenizer, tmp_path)
+    app = command.build_app(_args("--adapters-dir", str(tmp_path), "--quantize", "nf4", "--device", "cpu"))
+    assert fake_load.quantization == {"bits": 4, "quant_type": "nf4", "compute_dtype": torch.float32}
+    model = app.state.service.engine.model
+    assert any(isinstance(module, QuantLinear) for module in model.modules())
+    with TestClient(app) as client:
+        answer = client.post("/v1/completions", json={"model": "gamma", "prompt": "Hi", "max_tokens": 3, "temperature": 0})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_without_quantize_the_base_loads_in_full_precision(fake_load):
+    command.build_app(_args())
+    assert fake_load.quantization is None
+
+
+def test_a_bad_quantize_value_is_argparses_error_before_anything_loads(fake_load, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--quantize", "nf5"])
+    assert exit_info.value.code == 2 and fake_load.calls == []
+    assert "argument --quantize: invalid choice: 'nf5'" in capsys.readouterr().err

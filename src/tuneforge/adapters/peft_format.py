@@ -3,6 +3,9 @@
 Keys are ``base_model.model.<module path>.<leaf>`` with PEFT's leaf names (``lora_A.weight``,
 ``lora_magnitude_vector``, ``lora_embedding_A``) and ``modules_to_save`` copies stored under the
 module's own names, so files move freely between tuneforge, peft, vLLM and LoRAX.
+
+What only tuneforge needs to know about how an adapter was trained (the quantized base of a QLoRA
+run) goes into a sidecar, ``tuneforge_training.json``, so adapter_config.json holds PEFT's keys alone.
 """
 
 from __future__ import annotations
@@ -30,13 +33,22 @@ from tuneforge.adapters.model_level import load_model_adapter_tensors, model_ada
 from tuneforge.adapters.registry import get_method, method_for_peft_type
 from tuneforge.errors import AdapterError, ConfigError
 from tuneforge.fileio import atomic_write, atomic_write_json, atomic_write_text
+from tuneforge.quant.model import quantization_of, quantized_layers
+from tuneforge.quant.presets import preset_for, settings_beyond_preset
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+TRAINING_FILE = "tuneforge_training.json"
 PREFIX = "base_model.model."
 # Tensors a method keeps once per adapter rather than once per layer (VeRA's projections, VB-LoRA's
 # vector bank) sit right under the tuner: ``base_model.vera_A``.
 MODEL_LEVEL_PREFIX = "base_model."
+
+
+class QuantizedTrainingWarning(UserWarning):
+    """An adapter trained on a quantized base (QLoRA) was loaded onto a full-precision one: it works,
+    with outputs slightly different from training's. A category of its own so that callers who do
+    this on purpose (export's dequantize-merge) can silence exactly this note."""
 
 
 @runtime_checkable
@@ -70,8 +82,14 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, name: str = "default", *,
-                 base_model_name: str | None = None) -> Path:
-    """Write adapter ``name`` to ``directory`` (each file atomically) with a model card."""
+                 base_model_name: str | None = None, base_quantization: dict | None = None) -> Path:
+    """Write adapter ``name`` to ``directory`` (each file atomically) with a model card.
+
+    ``base_quantization``: the ``quantization:`` settings of the base the adapter was trained on
+    (QLoRA); by default they are read off the model's quantized layers, if it has any. They are
+    recorded in ``tuneforge_training.json`` so that ``load_adapter`` can say when the adapter meets
+    a full-precision base.
+    """
     book = adapter_book(model)
     if name not in book.configs:
         raise AdapterError(f"no adapter named '{name}' to save; the model has {list(book.configs) or 'no adapters'}")
@@ -87,10 +105,38 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
         task_type=_task_type(model),
         inference_mode=True,
     )
+    quantization = base_quantization if base_quantization is not None else quantization_of(model)
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
     atomic_write_json(directory / CONFIG_FILE, peft_config)
-    atomic_write_text(directory / "README.md", _model_card(config, peft_config, state))
+    atomic_write_text(directory / "README.md", _model_card(config, peft_config, state, quantization))
+    _write_training_record(directory, quantization)
     return directory
+
+
+def _write_training_record(directory: Path, base_quantization: dict | None) -> None:
+    path = directory / TRAINING_FILE
+    if base_quantization is None:
+        path.unlink(missing_ok=True)  # an earlier QLoRA adapter saved here must not lend this one its record
+        return
+    atomic_write_json(path, {"base_quantization": dict(base_quantization)})
+
+
+def read_base_quantization(directory: str | Path) -> dict | None:
+    """The ``quantization:`` settings of the base the adapter was trained on, from
+    ``tuneforge_training.json``; None for an adapter trained on a full-precision base (or saved by peft)."""
+    path = Path(directory) / TRAINING_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); re-save the adapter, or delete the file "
+                          "(it only records how the adapter was trained)") from None
+    section = data.get("base_quantization") if isinstance(data, dict) else None
+    if section is not None and not isinstance(section, dict):
+        raise ConfigError(f"{path}: 'base_quantization' must be a JSON object of quantization settings "
+                          f"(e.g. {{\"bits\": 4, \"type\": \"nf4\"}}), found {type(section).__name__}")
+    return dict(section) if section else None
 
 
 def _base_model_name(model: nn.Module) -> str | None:
@@ -102,14 +148,17 @@ def _task_type(model: nn.Module) -> str | None:
     return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else None
 
 
-def _model_card(config: AdapterConfig, peft_config: dict, state: dict[str, torch.Tensor]) -> str:
+def _model_card(config: AdapterConfig, peft_config: dict, state: dict[str, torch.Tensor],
+                base_quantization: dict | None) -> str:
     params = sum(t.numel() for t in state.values())
     base = peft_config.get("base_model_name_or_path") or "(not recorded)"
+    quantized = (f"- trained on an {preset_for(base_quantization)}-quantized base (QLoRA); load the base with "
+                 f"`--quantize {preset_for(base_quantization)}` to match training\n" if base_quantization else "")
     return (
         f"---\nlibrary_name: peft\nbase_model: {base}\ntags: [tuneforge, {config.method}]\n---\n\n"
         f"# {config.method} adapter\n\nTrained with tuneforge. Base model: `{base}`.\n\n"
         f"- method: `{config.method}`\n- tensors: {len(state)}, parameters: {params:,}\n"
-        f"- config: `{json.dumps(config.model_dump(exclude_defaults=True), default=str)}`\n\n"
+        f"- config: `{json.dumps(config.model_dump(exclude_defaults=True), default=str)}`\n{quantized}\n"
         "Load with tuneforge (`tuneforge.adapters.load_adapter`) or with `peft.PeftModel.from_pretrained`.\n"
     )
 
@@ -152,9 +201,14 @@ def read_adapter_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
 
 def load_adapter(model: nn.Module, directory: str | Path, name: str = "default", *,
                  trainable: bool = False, activate: bool = True) -> AdapterConfig:
-    """Add the adapter stored in ``directory`` (saved by tuneforge or by peft) as ``name``."""
+    """Add the adapter stored in ``directory`` (saved by tuneforge or by peft) as ``name``.
+
+    An adapter trained on a quantized base (QLoRA) loads onto a full-precision base too, with one note
+    saying so (see ``quantized_training_note``).
+    """
     config = read_adapter_config(directory)
     tensors = read_adapter_tensors(directory)
+    base_quantization = read_base_quantization(directory)
     add_adapter(model, config, name, activate=activate)
     try:
         fill_adapter_weights(model, name, tensors, Path(directory) / WEIGHTS_FILE)
@@ -162,7 +216,25 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = "default",
         delete_adapter(model, name)  # never leave a half-loaded adapter behind
         raise
     set_trainable_adapter(model, name if trainable else None)
+    if base_quantization is not None and not quantized_layers(model):
+        # A warning, not an error: the adapter is correct on the float base, only not bit-for-bit what training saw.
+        warnings.warn(quantized_training_note(directory, base_quantization), QuantizedTrainingWarning, stacklevel=2)
     return config
+
+
+def quantized_training_note(directory: str | Path, base_quantization: dict) -> str:
+    """What to tell a user who loads a QLoRA adapter onto a full-precision base, and how to match training."""
+    preset = preset_for(base_quantization)
+    note = (f"{directory}: this adapter was trained on an {preset}-quantized base (QLoRA) and is now loaded onto a "
+            f"full-precision base. That works, but its outputs differ slightly from those in training, where the "
+            f"base weights were rounded to {preset}. To match training exactly, load the base quantized: "
+            f"--quantize {preset} for tuneforge eval, serve and chat")
+    extra = settings_beyond_preset(base_quantization)
+    if extra:
+        listed = ", ".join(f"{key}={value!r}" for key, value in extra.items())
+        return (f"{note}; the run also set {listed}, which the flag does not, so in Python pass them to "
+                f"load_model(..., quantization=...) instead.")
+    return f"{note}, or load_model(..., quantization=...) in Python."
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path, name: str = "default") -> None:

@@ -22,6 +22,7 @@ from tuneforge.eval.report import GENERATION_METRICS, METRICS, check_metrics, ev
 from tuneforge.fileio import atomic_write_json
 from tuneforge.models import DTYPE_CHOICES, load_model
 from tuneforge.models.placement import parse_device, parse_dtype
+from tuneforge.quant.presets import QUANTIZE_CHOICES, quantization_settings
 
 DEFAULT_MODEL = "smollm2-135m"
 RUN_ADAPTER_FOLDER = "adapter"  # where `tuneforge train` saves the final adapter inside its run folder
@@ -45,20 +46,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", default="auto", choices=TEMPLATE_NAMES, help="chat template (default auto: the tokenizer's)")
     parser.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES), help="dtype of the base weights (default auto)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
-    parser.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int8"],
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
                         help="load the base quantized (as a QLoRA adapter was trained); float32 compute on CPU")
     parser.add_argument("--samples", type=int, default=3, metavar="N", help="sample predictions to print per row (default 3)")
     parser.add_argument("--output", default=None, metavar="FILE.json", help="also write the results as JSON")
-
-
-def quantization_settings(kind: str | None) -> dict | None:
-    """``--quantize nf4|fp4|int8`` as load_model's quantization settings (QLoRA defaults otherwise)."""
-    if kind is None:
-        return None
-    import torch
-
-    compute = torch.float32 if not torch.cuda.is_available() else torch.bfloat16
-    return dict(bits=8 if kind == "int8" else 4, quant_type=kind if kind != "int8" else "nf4", compute_dtype=compute)
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -68,9 +59,9 @@ def run_eval(args: argparse.Namespace) -> int:
     metrics = choose_metrics(args.metrics, examples, console)
     _check_positive(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     parse_dtype(args.dtype)  # cheap checks before the slow model load
-    parse_device(args.device)
+    quantization = quantization_settings(args.quantize, parse_device(args.device))
 
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device, quantization=quantization_settings(args.quantize))
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, quantization=quantization)
     results = evaluate_models(
         loaded.model, loaded.tokenizer, variants, examples, metrics, template=args.template,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, num_samples=max(args.samples, 0),

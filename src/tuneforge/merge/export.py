@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -76,9 +77,16 @@ class ExportReport:
 def find_run_quantization(adapter_dir: Path) -> dict | None:
     """The ``quantization:`` section of the training run the adapter came from, if it has one.
 
-    ``tuneforge train`` writes ``runs/<name>/config.yaml`` beside ``adapter/``; checkpoints sit at
-    ``checkpoints/step-N/adapter``, two levels further down.
+    The adapter's own record (``tuneforge_training.json``, written by ``save_adapter``) comes first:
+    it travels with the adapter when the folder is copied out of its run. Otherwise the run's
+    config: ``tuneforge train`` writes ``runs/<name>/config.yaml`` beside ``adapter/``; checkpoints
+    sit at ``checkpoints/step-N/adapter``, two levels further down.
     """
+    from tuneforge.adapters.peft_format import read_base_quantization
+
+    recorded = read_base_quantization(adapter_dir)
+    if recorded is not None:
+        return recorded
     for parent in list(adapter_dir.resolve().parents)[:3]:
         path = parent / RUN_CONFIG
         if path.is_file():
@@ -101,8 +109,10 @@ def _quantize(model: nn.Module, settings: dict) -> None:
         quant = QuantConfig(**settings)
     except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         raise ConfigError(f"the run's quantization settings {settings!r} are not valid: {exc}") from None
+    # Exports merge and verify in float32 on the CPU, where training's "auto" also means float32.
+    compute = "float32" if quant.compute_dtype == "auto" else quant.compute_dtype
     quantize_model(model, bits=quant.bits, quant_type=quant.type, double_quant=quant.double_quant,
-                   blocksize=quant.blocksize, compute_dtype=getattr(torch, quant.compute_dtype),
+                   blocksize=quant.blocksize, compute_dtype=getattr(torch, compute),
                    skip_modules=quant.skip_modules)
 
 
@@ -176,9 +186,13 @@ def export_model(base: str, adapter_dir: str | Path, output: str | Path, *, fmt:
 
 def _load_adapter_checked(model: nn.Module, adapter_dir: Path) -> None:
     from tuneforge.adapters import load_adapter
+    from tuneforge.adapters.peft_format import QuantizedTrainingWarning
 
     try:
-        load_adapter(model, adapter_dir)
+        with warnings.catch_warnings():
+            # A QLoRA adapter meets the float base here on purpose (dequantize-merge); the report says so.
+            warnings.simplefilter("ignore", QuantizedTrainingWarning)
+            load_adapter(model, adapter_dir)
     except AdapterError as exc:
         raise AdapterError(f"{exc}\n(The adapter does not fit this base model; pass the --model it was trained on.)") from None
 

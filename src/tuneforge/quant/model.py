@@ -52,6 +52,21 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, QuantLinear]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, QuantLinear)]
 
 
+def quantization_of(model: nn.Module) -> dict | None:
+    """How the model's base is quantized, in the training config's ``quantization:`` keys (read off its
+    first ``QuantLinear``); None when no layer is quantized. ``skip_modules`` cannot be read back, so
+    it is left out (its default, ``["lm_head"]``, applies)."""
+    layers = quantized_layers(model)
+    if not layers:
+        return None
+    layer = layers[0][1]
+    settings = {"bits": layer.bits, "type": layer.quant_type,
+                "compute_dtype": str(layer.compute_dtype).removeprefix("torch.")}
+    if layer.bits == 4:
+        settings.update(double_quant=layer.double_quant, blocksize=layer.blocksize)
+    return settings
+
+
 def bits_per_parameter(model: nn.Module) -> float:
     """Stored bits per weight value over all quantized layers (codes + scales + double-quant state)."""
     layers = [layer for _, layer in quantized_layers(model)]

@@ -27,6 +27,8 @@ from tuneforge.errors import ConfigError
 from tuneforge.eval.command import adapter_directory
 from tuneforge.eval.generation import PromptFormat
 from tuneforge.models import DTYPE_CHOICES, load_model
+from tuneforge.models.placement import parse_device
+from tuneforge.quant.presets import QUANTIZE_CHOICES, quantization_settings
 from tuneforge.serve.engine import Engine, GenerationRequest
 from tuneforge.serve.sampling import SamplingParams
 
@@ -45,6 +47,9 @@ def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", default="auto", choices=TEMPLATE_NAMES, help="chat template (default auto: the tokenizer's)")
     parser.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES), help="dtype of the base weights (default auto)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
+                        help="load the base quantized, as a QLoRA adapter was trained (float32 compute on CPU, "
+                             "bfloat16 on GPU)")
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,8 @@ class ChatSession:
 def run_chat(args: argparse.Namespace) -> int:
     settings = ReplySettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     adapter = adapter_directory(args.adapter, args.adapter) if args.adapter else None  # checked before the slow load
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    quantization = quantization_settings(args.quantize, parse_device(args.device))
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, quantization=quantization)
     if adapter:
         load_adapter(loaded.model, adapter, name=ADAPTER_NAME)
     loaded.model.eval()

@@ -1,6 +1,7 @@
 """`tuneforge serve`: one base model, many adapters, an OpenAI-compatible HTTP API.
 
     tuneforge serve --model smollm2-135m --adapters-dir adapters/ --port 8000
+    tuneforge serve --adapters-dir adapters/ --quantize nf4    # QLoRA adapters on the 4-bit base they trained on
     curl localhost:8000/v1/completions -d '{"model": "my-adapter", "prompt": "Hi", "max_tokens": 16}'
 
 Every subdirectory of --adapters-dir holding a PEFT-format adapter is a model the API serves under
@@ -15,6 +16,8 @@ import sys
 
 from tuneforge.errors import ConfigError
 from tuneforge.models import DTYPE_CHOICES, load_model
+from tuneforge.models.placement import parse_device
+from tuneforge.quant.presets import QUANTIZE_CHOICES, quantization_settings
 
 DEFAULT_MODEL = "smollm2-135m"
 API_KEY_VARIABLE = "TUNEFORGE_API_KEY"
@@ -35,6 +38,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="seconds before a request fails with 503 (default 600)")
     parser.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES), help="dtype of the base weights (default auto)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
+    parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
+                        help="load the base quantized, as QLoRA adapters were trained (float32 compute on CPU, "
+                             "bfloat16 on GPU)")
 
 
 def check_serve_arguments(args: argparse.Namespace) -> None:
@@ -58,7 +64,8 @@ def build_app(args: argparse.Namespace):
     from tuneforge.serve.engine import Engine
 
     check_serve_arguments(args)  # before the slow load
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    quantization = quantization_settings(args.quantize, parse_device(args.device))
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device, quantization=quantization)
     manager = AdapterManager(loaded.model, args.adapters_dir, args.max_loaded_adapters) if args.adapters_dir else None
     engine = Engine(loaded.model, loaded.tokenizer, adapters=manager, max_batch_size=args.max_batch_size,
                     max_queue=args.max_queue, max_model_len=args.max_model_len)

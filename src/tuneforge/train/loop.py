@@ -125,7 +125,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                                config.training.keep_checkpoints, base_name, hooks)
         progress.note(f"interrupted: saved {path}; continue with --resume")
     train_seconds = time.perf_counter() - start
-    adapter_dir = save_adapter(model, run_dir / "adapter", ADAPTER_NAME, base_model_name=base_name)
+    adapter_dir = save_adapter(model, run_dir / "adapter", ADAPTER_NAME, base_model_name=base_name,
+                               base_quantization=config.quantization.model_dump(mode="json") if config.quantization else None)
     log.close()
     plot_loss_curve(run_dir)
     summary = RunSummary(
