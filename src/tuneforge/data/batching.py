@@ -10,7 +10,8 @@ A checkpoint that records (epoch, k) resumes by calling `plan.batches(epoch)` an
 k + 1. Three orders are available:
 
 - shuffled (default): units (examples, or packed rows) shuffled per epoch, then chunked;
-- packed: examples first packed into rows (packing.py, fixed across epochs), rows shuffled;
+- packed: examples first packed into rows (packing.py, fixed across epochs), rows shuffled; with
+  `share_prefix`, the tokens all examples open with are held once per row (packing.py);
 - group_by_length (unpacked only): shuffle, cut into mega-batches of `batch_size * 50`, sort each
   by length, chunk, then shuffle the batches. Batches then hold similar lengths (little padding)
   while their order stays random; the factor 50 follows transformers' LengthGroupedSampler.
@@ -24,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from tuneforge.data.collate import collate_packed, collate_padded
-from tuneforge.data.packing import pack_examples
+from tuneforge.data.packing import pack_examples, shared_prefix_length
 from tuneforge.data.tokenization import TokenizedExample
 from tuneforge.errors import ConfigError, DataError
 
@@ -68,6 +69,7 @@ class BatchPlan:
         drop_last: bool = False,
         pad_id: int = 0,
         mask_dtype: torch.dtype = torch.float32,
+        share_prefix: bool = False,
     ):
         if not tokenized:
             raise DataError("BatchPlan got no tokenized examples; check the data source and max_seq_len.")
@@ -85,12 +87,18 @@ class BatchPlan:
         self.mask_dtype = mask_dtype
         lengths = [len(example) for example in self.examples]
         self.max_seq_len = max_seq_len or max(lengths)
+        self.shared_prefix = shared_prefix_length(self.examples) if packing and share_prefix else 0
         if packing:
-            self.rows = pack_examples(lengths, self.max_seq_len)
+            own = [length - self.shared_prefix for length in lengths]
+            self.rows = pack_examples(own, self.max_seq_len - self.shared_prefix)
         else:
             self.rows = [(index,) for index in range(len(self.examples))]
-        # Tokens per unit (an example, or a packed row), for length grouping and padding stats.
+        # Tokens of the examples in each unit (an example, or a packed row): what a step trains on.
         self.unit_lengths = [sum(lengths[index] for index in row) for row in self.rows]
+        # Token slots each unit fills, for length grouping and padding stats; less than the above
+        # when a shared prefix is held once per row.
+        self.row_lengths = [self.shared_prefix + sum(lengths[index] - self.shared_prefix for index in row)
+                            for row in self.rows]
         if drop_last and len(self.rows) < batch_size:
             raise ConfigError(f"drop_last=True with batch_size={batch_size} leaves no batch: there are only {len(self.rows)} {'packed rows' if packing else 'examples'}.")
 
@@ -121,13 +129,13 @@ class BatchPlan:
         size = self.batch_size * MEGA_BATCH_FACTOR
         grouped = []
         for start in range(0, len(order), size):
-            grouped += sorted(order[start : start + size], key=lambda unit: -self.unit_lengths[unit])
+            grouped += sorted(order[start : start + size], key=lambda unit: -self.row_lengths[unit])
         return grouped
 
     def collate(self, units: Sequence[int]) -> dict[str, torch.Tensor]:
         if self.packing:
             rows = [[self.examples[index] for index in self.rows[unit]] for unit in units]
-            return collate_packed(rows, self.pad_id, self.mask_dtype)
+            return collate_packed(rows, self.pad_id, self.mask_dtype, self.shared_prefix)
         return collate_padded([self.examples[unit] for unit in units], self.pad_id)
 
     def padding_fraction(self, epoch: int = 0) -> float:
@@ -135,7 +143,7 @@ class BatchPlan:
         its longest row)."""
         real = padded = 0
         for units in self.batch_units(epoch):
-            lengths = [self.unit_lengths[unit] for unit in units]
+            lengths = [self.row_lengths[unit] for unit in units]
             real += sum(lengths)
             padded += max(lengths) * len(lengths)
         return 1.0 - real / padded

@@ -19,6 +19,11 @@ Packed rows must give every example exactly the loss it would have alone. Three 
 3. The label of each example's first token is set to -100: the causal-LM loss compares the
    prediction at t with the label at t + 1, so without this the last token of one example would
    be trained to predict the first token of the next. (Alone, label 0 is never used anyway.)
+4. With a shared prefix (packing.py) the row starts with the prefix once, as its own segment that
+   every example's remainder may attend to; the remainders' positions continue from the prefix.
+   Each example then sees exactly the tokens and positions it has alone. The prefix carries no
+   labels, and the LoRA gradient through it is the sum of the examples' gradients through their
+   own copies, because its activations are those of each copy.
 
 Padding at the end of a row forms its own masked-out segment with labels -100; it attends only to
 itself, so no attention row is fully blocked (which would give NaN under SDPA).
@@ -33,6 +38,7 @@ import torch
 from tuneforge.data.tokenization import IGNORE_INDEX, TokenizedExample
 
 PADDING_SEGMENT = -1
+SHARED_SEGMENT = -2  # a row's shared prefix: every example of the row attends to it
 
 
 def collate_padded(examples: Sequence[TokenizedExample], pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -49,20 +55,31 @@ def collate_padded(examples: Sequence[TokenizedExample], pad_id: int = 0) -> dic
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}
 
 
-def collate_packed(rows: Sequence[Sequence[TokenizedExample]], pad_id: int = 0, mask_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Several examples per row, right-padded to the longest row; see the module docstring."""
-    length = max(sum(len(example) for example in row) for row in rows)
+def collate_packed(rows: Sequence[Sequence[TokenizedExample]], pad_id: int = 0, mask_dtype: torch.dtype = torch.float32,
+                   shared_prefix: int = 0) -> dict[str, torch.Tensor]:
+    """Several examples per row, right-padded to the longest row; see the module docstring.
+
+    `shared_prefix` > 0: the examples all begin with the same `shared_prefix` unlabelled tokens
+    (packing.shared_prefix_length); each row holds them once, followed by every example's remainder.
+    """
+    length = max(shared_prefix + sum(len(example) - shared_prefix for example in row) for row in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)  # (B, T)
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)  # (B, T)
     segment_ids = torch.full((len(rows), length), PADDING_SEGMENT, dtype=torch.long)  # (B, T)
     for row, examples in enumerate(rows):
-        start = 0
+        start = shared_prefix
+        if shared_prefix:
+            input_ids[row, :shared_prefix] = torch.tensor(examples[0].input_ids[:shared_prefix])
+            position_ids[row, :shared_prefix] = torch.arange(shared_prefix)
+            segment_ids[row, :shared_prefix] = SHARED_SEGMENT
         for segment, example in enumerate(examples):
-            end = start + len(example)
-            input_ids[row, start:end] = torch.tensor(example.input_ids)
-            labels[row, start + 1 : end] = torch.tensor(example.labels[1:])
-            position_ids[row, start:end] = torch.arange(len(example))
+            end = start + len(example) - shared_prefix
+            input_ids[row, start:end] = torch.tensor(example.input_ids[shared_prefix:])
+            # The first token is never a target here: alone it has no predecessor, and after a shared
+            # prefix its label is unset by construction (packing.shared_prefix_length).
+            labels[row, start + 1 : end] = torch.tensor(example.labels[shared_prefix + 1:])
+            position_ids[row, start:end] = torch.arange(shared_prefix, len(example))
             segment_ids[row, start:end] = segment
             start = end
         position_ids[row, start:] = torch.arange(length - start)
@@ -71,12 +88,14 @@ def collate_packed(rows: Sequence[Sequence[TokenizedExample]], pad_id: int = 0, 
 
 
 def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive mask (B, 1, T, T): 0 where query t may attend key s (same segment, s <= t), else
-    the most negative value of `dtype` (not -inf, which turns into NaN once multiplied by 0)."""
+    """Additive mask (B, 1, T, T): 0 where query t may attend key s (s <= t, and the same segment or
+    a shared-prefix key seen from an example), else the most negative value of `dtype` (not -inf,
+    which turns into NaN once multiplied by 0)."""
     length = segment_ids.shape[1]
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    shared_key = (segment_ids[:, None, :] == SHARED_SEGMENT) & (segment_ids[:, :, None] >= 0)  # (B, T, T)
     causal = torch.ones((length, length), dtype=torch.bool).tril()  # (T, T)
-    allowed = (same_segment & causal)[:, None]  # (B, 1, T, T)
+    allowed = ((same_segment | shared_key) & causal)[:, None]  # (B, 1, T, T)
     attend = torch.zeros((), dtype=dtype)
     blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
     return torch.where(allowed, attend, blocked)  # (B, 1, T, T)

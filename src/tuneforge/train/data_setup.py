@@ -38,6 +38,14 @@ def eval_source(config: TrainConfig) -> tuple[str, str] | None:
     return None
 
 
+def _edits_the_sequence(method: str) -> bool:
+    """Model-level methods add virtual tokens or edit hidden states at given positions: they see a
+    row as one sequence, so the rows they get keep each example whole."""
+    from tuneforge.adapters import get_method
+
+    return get_method(method).attach is not None
+
+
 def prepare_data(config: TrainConfig, tokenizer, mask_dtype: torch.dtype = torch.float32) -> PreparedData:
     data = config.data
     train_examples, skipped = load_split(config, data.train, "train")
@@ -45,7 +53,8 @@ def prepare_data(config: TrainConfig, tokenizer, mask_dtype: torch.dtype = torch
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     plan = BatchPlan(tokenize_examples(train_examples, tokenizer, **tokenize), config.training.batch_size,
                      packing=data.packing, max_seq_len=data.max_seq_len, group_by_length=data.group_by_length,
-                     seed=config.training.seed, pad_id=pad_id, mask_dtype=mask_dtype)
+                     seed=config.training.seed, pad_id=pad_id, mask_dtype=mask_dtype,
+                     share_prefix=data.share_prefix and not _edits_the_sequence(config.adapter.method))
     eval_examples: list[Example] = []
     eval_batches: list[dict[str, torch.Tensor]] = []
     held_out = eval_source(config) if data.eval_size != 0 else None
