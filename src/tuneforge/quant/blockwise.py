@@ -198,15 +198,20 @@ def dequantize_4bit(state: QuantState, dtype: torch.dtype | None = None) -> torc
     return values.to(dtype or state.dtype).reshape(state.shape)
 
 
+def row_blocks(state: QuantState, start: int, stop: int) -> tuple[int, int, int]:
+    """Rows [start, stop) of a 2-D weight lie in blocks [first, stop_block), from ``offset`` in block ``first``."""
+    first_element, end_element = start * state.shape[-1], stop * state.shape[-1]
+    first_block = first_element // state.blocksize
+    stop_block = -(-end_element // state.blocksize)
+    return first_block, stop_block, first_element - first_block * state.blocksize
+
+
 def dequantize_rows(state: QuantState, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rows [start, stop) of a 2-D quantized weight, touching only the blocks that hold them."""
     columns = state.shape[-1]
-    first_element, end_element = start * columns, stop * columns
-    first_block = first_element // state.blocksize
-    stop_block = -(-end_element // state.blocksize)
+    first_block, stop_block, offset = row_blocks(state, start, stop)
     values = _unpack_blocks(state, first_block, stop_block)
-    offset = first_element - first_block * state.blocksize
-    rows = values[offset: offset + end_element - first_element]
+    rows = values[offset: offset + (stop - start) * columns]
     return rows.to(dtype or state.dtype).reshape(stop - start, columns)
 
 

@@ -7,7 +7,8 @@ time, multiplies, and drops the chunk::
 
 Backward does the same to get ∂L/∂x = Σ_chunks ∂L/∂out[..., rows] @ W[rows]; it saves neither x
 nor W (the weight is frozen, so no ∂L/∂W is needed). The quantized tensors are buffers, never
-parameters, so no optimizer can touch them.
+parameters, so no optimizer can touch them. 4-bit chunks are decoded by bitsandbytes' kernels where
+they run and by pure torch otherwise, to the same values (bnb_backend.py, TUNEFORGE_QUANT_BACKEND).
 
 Adapters (LoRA, DoRA) see the same surface as on ``nn.Linear``: ``in_features``, ``out_features``,
 ``bias`` and ``weight``, which here returns a freshly dequantized (out, in) tensor — for reading
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from tuneforge.errors import ConfigError
+from tuneforge.quant import bnb_backend
 from tuneforge.quant.blockwise import (
     BLOCKSIZES,
     QUANT_TYPES,
@@ -124,10 +126,12 @@ class QuantLinear(nn.Module):
 
     def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows [start, stop) of W, (stop - start, in), in ``dtype`` (default: the original dtype)."""
-        state = self.quant_state()
+        state, dtype = self.quant_state(), dtype or self.weight_dtype
         if self.bits == 8:
-            return dequantize_int8_rows(state, start, stop, dtype or self.weight_dtype)
-        return dequantize_rows(state, start, stop, dtype or self.weight_dtype)
+            return dequantize_int8_rows(state, start, stop, dtype)
+        if bnb_backend.use_bitsandbytes(state, dtype):  # same values, faster where its kernel runs
+            return bnb_backend.dequantize_rows(state, start, stop, dtype)
+        return dequantize_rows(state, start, stop, dtype)
 
     def weight_chunks(self, dtype: torch.dtype):
         """(start, stop, W[start:stop] in ``dtype``) for consecutive chunks of ``chunk_rows`` rows."""
