@@ -163,3 +163,21 @@ def test_int8_matches_its_formula_and_bounds():
 def test_bad_arguments_name_the_value(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_quantizing_in_chunks_gives_the_same_state(monkeypatch, quant_type, double_quant):
+    """Large tensors are quantized a chunk of blocks at a time (to keep loading's peak memory low);
+    blocks are independent, so a tiny chunk must give exactly the one-piece result."""
+    import tuneforge.quant.blockwise as blockwise
+
+    weight = gaussian(37, 101)  # 3737 values: odd, and the last block runs short
+    whole = quantize_4bit(weight, quant_type, blocksize=64, double_quant=double_quant)
+    monkeypatch.setattr(blockwise, "QUANTIZE_CHUNK", 256)  # 15 chunks of 4 blocks
+    chunked = quantize_4bit(weight, quant_type, blocksize=64, double_quant=double_quant)
+    assert torch.equal(chunked.packed, whole.packed)
+    assert torch.equal(chunked.absmax, whole.absmax)
+    if double_quant:
+        assert torch.equal(chunked.double_quant.absmax, whole.double_quant.absmax)
+        assert torch.equal(chunked.double_quant.offset, whole.double_quant.offset)

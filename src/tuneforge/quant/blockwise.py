@@ -32,6 +32,7 @@ from tuneforge.quant.codebooks import codebook, dynamic_map
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES = ("nf4", "fp4")
 ABSMAX_BLOCKSIZE = 256  # double quantization's block, fixed by the format
+QUANTIZE_CHUNK = 1 << 20  # weight values quantized at a time (float32 temporaries of a few MB)
 _TINY = 1e-38  # an all-zero block divides by this instead of 0 (its codes all become the zero code)
 
 
@@ -123,6 +124,9 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int 
     """Quantize ``weight`` (float32/bfloat16/float16, any shape) to packed 4-bit codes.
 
     ``double_quant`` also quantizes the per-block absmax (8 bits, blocks of 256, minus its mean).
+    Blocks are independent, so the work goes ``QUANTIZE_CHUNK`` values at a time: the float32
+    temporaries then stay a few MB instead of ~16 bytes per weight value, which would be the peak
+    of loading a model quantized.
     """
     check_quant_type(quant_type)
     check_blocksize(blocksize)
@@ -130,7 +134,23 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int 
         raise ValueError(f"quantize_4bit needs a floating-point tensor, got {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError("quantize_4bit got an empty tensor")
-    flat = weight.detach().reshape(-1).float()
+    flat = weight.detach().reshape(-1)
+    chunk = max(blocksize, QUANTIZE_CHUNK // blocksize * blocksize)  # whole blocks, so whole bytes
+    parts = [_quantize_blocks(flat[start:start + chunk], quant_type, blocksize) for start in range(0, flat.numel(), chunk)]
+    packed = torch.cat([codes for codes, _ in parts]) if len(parts) > 1 else parts[0][0]
+    absmax = torch.cat([scales for _, scales in parts]) if len(parts) > 1 else parts[0][1]
+    state = QuantState(packed=packed, absmax=absmax, shape=weight.shape, dtype=weight.dtype,
+                       blocksize=blocksize, quant_type=quant_type)
+    if double_quant:
+        offset = absmax.mean()
+        state.absmax, second = quantize_dynamic_8bit(absmax - offset, ABSMAX_BLOCKSIZE)
+        state.double_quant = DoubleQuant(absmax=second, offset=offset)
+    return state
+
+
+def _quantize_blocks(values: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed codes, float32 absmax per block) of consecutive blocks; only the last may run short."""
+    flat = values.float()
     blocks, last = _blocks_of(flat, blocksize)  # (B, blocksize)
     absmax = blocks.abs().amax(dim=1)  # (B,)
     safe = absmax.clamp(min=_TINY)
@@ -145,14 +165,7 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int 
     midpoints, code_of_position = _rounding_table(quant_type)
     position = torch.bucketize(scaled, midpoints.to(flat.device), out_int32=True)  # (numel,)
     codes = code_of_position.to(flat.device)[position]
-    packed = (codes[0::2] << 4) | codes[1::2]  # (ceil(numel / 2),)
-    state = QuantState(packed=packed, absmax=absmax, shape=weight.shape, dtype=weight.dtype,
-                       blocksize=blocksize, quant_type=quant_type)
-    if double_quant:
-        offset = absmax.mean()
-        state.absmax, second = quantize_dynamic_8bit(absmax - offset, ABSMAX_BLOCKSIZE)
-        state.double_quant = DoubleQuant(absmax=second, offset=offset)
-    return state
+    return (codes[0::2] << 4) | codes[1::2], absmax  # (ceil(numel / 2),), (B,)
 
 
 def block_absmax(state: QuantState, first: int = 0, stop: int | None = None) -> torch.Tensor:
