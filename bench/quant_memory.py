@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -105,6 +106,7 @@ def child(args) -> dict:
     import torch
 
     from tuneforge.adapters import LoraConfig, add_adapter
+    from tuneforge.eval.loss import autocast
     from tuneforge.losses import token_loss_sum
     from tuneforge.quant.loading import load_quantized
 
@@ -131,7 +133,7 @@ def child(args) -> dict:
         ids = torch.randint(0, vocab, (args.batch_size, args.seq_len), generator=generator)
         batch = {"input_ids": ids, "labels": ids.clone()}
         begin = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with autocast("bf16" if dtype == torch.bfloat16 else "fp32", torch.device("cpu")):  # as `tuneforge train`
             loss_sum, count = token_loss_sum(model, batch, 1024)
         (loss_sum / count).backward()
         optimizer.step()
@@ -142,11 +144,12 @@ def child(args) -> dict:
             "step_seconds": step_seconds, "median_step_seconds": statistics.median(step_seconds[1:] or step_seconds)}
 
 
-def run_side(side: str, model_dir: Path, args) -> dict:
+def run_side(side: str, model_dir: Path, args, backend: str = "auto") -> dict:
     command = [sys.executable, __file__, "--child", side, "--model-dir", str(model_dir), "--steps", str(args.steps),
                "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
                "--dtype", args.dtype]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    env = {**os.environ, "TUNEFORGE_QUANT_BACKEND": backend}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{side} child failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -162,6 +165,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                         help="dtype of the LoRA base and of QLoRA's compute (float32 on CPUs without bf16 matmul units)")
     parser.add_argument("--skip-part-one", action="store_true")
+    parser.add_argument("--qlora-backends", nargs="+", default=["auto"], choices=["auto", "torch", "bitsandbytes"],
+                        help="run the QLoRA side once per 4-bit decode backend (TUNEFORGE_QUANT_BACKEND)")
     parser.add_argument("--child", choices=["lora", "qlora"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -180,16 +185,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tuneforge-quant-bench-") as tmp:
         model_dir = Path(tmp) / "model"
         save_random_model(args.model_size, model_dir, args.dtype)
-        sides = {side: run_side(side, model_dir, args) for side in ("lora", "qlora")}
+        sides = {"lora": run_side("lora", model_dir, args)}
+        for backend in args.qlora_backends:
+            sides[f"qlora ({backend} decode)"] = run_side("qlora", model_dir, args, backend)
     report["training"] = sides
-    memory_ratio = sides["qlora"]["peak_rss_mb"] / sides["lora"]["peak_rss_mb"]
-    time_ratio = sides["qlora"]["median_step_seconds"] / sides["lora"]["median_step_seconds"]
-    report["ratios"] = {"peak_memory": memory_ratio, "step_time": time_ratio}
+    lora = sides["lora"]
+    report["ratios"] = {}
     for side, row in sides.items():
-        print(f"{side:>5}: peak RSS {row['peak_rss_mb']:.0f} MiB, load {row['load_seconds']:.1f} s, "
+        print(f"{side:>20}: peak RSS {row['peak_rss_mb']:.0f} MiB, load {row['load_seconds']:.1f} s, "
               f"median step {row['median_step_seconds']:.2f} s")
-    print(f"QLoRA / {args.dtype} LoRA on llama-{args.model_size}: peak memory {memory_ratio:.2f}x (goal <= 0.5x), "
-          f"step time {time_ratio:.2f}x (goal <= 1.3x)")
+    for side, row in list(sides.items())[1:]:
+        memory_ratio = row["peak_rss_mb"] / lora["peak_rss_mb"]
+        time_ratio = row["median_step_seconds"] / lora["median_step_seconds"]
+        report["ratios"][side] = {"peak_memory": memory_ratio, "step_time": time_ratio}
+        print(f"{side} / {args.dtype} LoRA on llama-{args.model_size}: peak memory {memory_ratio:.2f}x "
+              f"(goal <= 0.5x), step time {time_ratio:.2f}x (goal <= 1.3x)")
     print(json.dumps(report))
 
 

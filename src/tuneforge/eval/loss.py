@@ -15,7 +15,9 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def autocast(precision: str, device: torch.device):
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST[precision])
+    # No cast cache: it keeps a low-precision copy of every trainable weight (each adapter factor,
+    # used once per forward) until the forward ends, which only adds to the step's peak memory.
+    return torch.autocast(device_type=device.type, dtype=AUTOCAST[precision], cache_enabled=False)
 
 
 @torch.no_grad()

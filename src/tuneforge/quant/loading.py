@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from tuneforge.errors import ModelLoadError
 from tuneforge.fileio import atomic_write, atomic_write_json
-from tuneforge.quant.allocator import return_large_buffers_to_os
+from tuneforge.quant.allocator import release_free_memory, return_large_buffers_to_os
 from tuneforge.quant.blockwise import DoubleQuant, QuantState, quantize_4bit
 from tuneforge.quant.int8 import Int8State, quantize_int8
 from tuneforge.quant.linear import QuantLinear, check_quant_settings
@@ -136,7 +136,9 @@ def load_quantized(model_dir: str | Path, *, bits: int = 4, quant_type: str = "n
         del weight
     _load_remaining(model, reader)
     _quantize_tied_head(model, targets, bits, quant_type, double_quant, blocksize, compute_dtype)
-    return _finish(model, model_dir)
+    model = _finish(model, model_dir)
+    release_free_memory()  # the freed full-precision tensors must not stay resident
+    return model
 
 
 def _load_remaining(model: nn.Module, reader: _TensorReader) -> None:

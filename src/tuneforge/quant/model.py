@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tuneforge.quant.allocator import return_large_buffers_to_os
+from tuneforge.quant.allocator import release_free_memory, return_large_buffers_to_os
 from tuneforge.quant.linear import QuantLinear, check_quant_settings
 
 
@@ -36,6 +36,7 @@ def quantize_model(model: nn.Module, bits: int = 4, quant_type: str = "nf4", dou
                                             chunk_rows=chunk_rows)
         setattr(parent, child, quantized.train(linear.training))
         del linear, quantized
+    release_free_memory()  # the replaced full-precision weights must not stay resident
     return model
 
 
