@@ -224,6 +224,7 @@ class _RowStacks:
         self.index = {name: slot + 1 for slot, name in enumerate(factors)}
         self._watched = [(t, t._version) for a, b, _ in factors.values() for t in (a, b) if t.requires_grad]
         self._last_plan: tuple[tuple, _RowPlan] | None = None
+        self._gathered: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (slots, Aᵀ rows, Bᵀ rows)
         if not factors:
             return
         first_a, first_b, _ = next(iter(factors.values()))
@@ -257,7 +258,17 @@ class _RowStacks:
 
     def delta(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """s·B A x for each row with its own adapter: x (B, ..., in) -> (B, ..., out)."""
+        a_rows, b_rows = self._rows_of(slots)
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(self.a.dtype)  # (B, T, in)
-        low = torch.bmm(flat, self.a[slots].transpose(1, 2))  # (B, T, R)
-        delta = torch.bmm(low, self.b[slots].transpose(1, 2))  # (B, T, out)
+        low = torch.bmm(flat, a_rows)  # (B, T, R)
+        delta = torch.bmm(low, b_rows)  # (B, T, out)
         return delta.reshape(*x.shape[:-1], delta.shape[-1])
+
+    def _rows_of(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's Aᵀ (B, in, R) and s·Bᵀ (B, R, out), gathered once per plan: decoding steps with
+        the same rows reuse them (the gather copies more bytes than the two small matmuls read)."""
+        if self._gathered is None or self._gathered[0] is not slots:
+            a_rows = self.a[slots].transpose(1, 2).contiguous()
+            b_rows = self.b[slots].transpose(1, 2).contiguous()
+            self._gathered = (slots, a_rows, b_rows)
+        return self._gathered[1], self._gathered[2]
