@@ -8,9 +8,16 @@ that its peak memory (max RSS on CPU, max allocated on CUDA) is its own; the par
 
     python bench/train_throughput.py                 # both models, 8 steps each (step 1 not timed)
     python bench/train_throughput.py --models smollm2-135m --steps 4 --examples-per-step 16
+    python bench/train_throughput.py --max-seq-len 128 --no-share-prefix   # tuneforge's packing of before
 
-Tokens/s counts the real (unpadded) tokens of the examples processed, identically for both sides, over
-steps 2..N (step 1 holds allocator warm-up and, for the compiled run, the ~1 minute compilation).
+The peer pads each batch of --examples-per-step examples to its longest. tuneforge packs the examples
+into rows of --max-seq-len tokens (as `tuneforge train` does by default), holding the system prompt
+that all of them open with once per row (data.share_prefix), and takes as many rows per step as hold
+about --examples-per-step examples.
+
+Tokens/s counts the real (unpadded) tokens of the examples processed, identically for both sides (a
+shared prefix counts once per example, as if it had been computed for each), over steps 2..N (step 1
+holds allocator warm-up and, for the compiled run, the ~1 minute compilation).
 """
 
 from __future__ import annotations
@@ -62,6 +69,16 @@ def steady_rate(timestamps: list[float], tokens: list[int]) -> tuple[float, floa
     return sum(tokens[1:]) / seconds, seconds
 
 
+def packed_rows_per_step(tokenized, args) -> int:
+    """Packed rows holding about --examples-per-step examples, the peer's batch: measured on the
+    packing tuneforge will do (a shared system prompt lets more examples into a row)."""
+    from tuneforge.data import BatchPlan
+
+    plan = BatchPlan(tokenized, 1, packing=True, max_seq_len=args.max_seq_len, share_prefix=not args.no_share_prefix)
+    examples_per_row = len(tokenized) / len(plan.rows)
+    return max(1, round(args.examples_per_step / examples_per_row))
+
+
 def run_tuneforge(args, compile_layers: bool) -> dict:
     from tuneforge.config import parse_train_config
     from tuneforge.train import train
@@ -69,15 +86,13 @@ def run_tuneforge(args, compile_layers: bool) -> dict:
 
     model, tokenizer = build_model(args.model)
     tokenized = training_examples(tokenizer, args.steps * args.examples_per_step, args.max_seq_len)
-    mean_len = sum(len(t) for t in tokenized) / len(tokenized)
-    # Packed rows of max_seq_len holding ~examples_per_step examples per step in total.
-    rows_per_step = max(1, round(args.examples_per_step * mean_len / args.max_seq_len))
+    rows_per_step = packed_rows_per_step(tokenized, args)
     run_dir = Path(args.workdir) / ("tuneforge-compiled" if compile_layers else "tuneforge")
     config = parse_train_config({
         "output_dir": str(run_dir), "device": args.device,
         "adapter": {"method": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"},
         "data": {"train": "arithmetic", "options": {"size": len(tokenized)}, "max_seq_len": args.max_seq_len,
-                 "packing": True, "eval_size": 0},
+                 "packing": True, "share_prefix": not args.no_share_prefix, "eval_size": 0},
         "training": {"max_steps": args.steps, "batch_size": rows_per_step, "lr": 1e-4, "warmup_steps": 0,
                      "scheduler": "constant", "max_grad_norm": 1.0, "log_every": 1, "precision": args.precision,
                      "compile": compile_layers},
@@ -136,6 +151,8 @@ def run_child(side: str, model: str, args) -> dict:
     command = [sys.executable, __file__, "--child", side, "--models", model, "--steps", str(args.steps),
                "--examples-per-step", str(args.examples_per_step), "--max-seq-len", str(args.max_seq_len),
                "--device", args.device, "--precision", args.precision, "--workdir", args.workdir]
+    if args.no_share_prefix:
+        command.append("--no-share-prefix")
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -148,7 +165,10 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2-135m,llama-0.5b-random")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--examples-per-step", type=int, default=16)
-    parser.add_argument("--max-seq-len", type=int, default=128)
+    parser.add_argument("--max-seq-len", type=int, default=256,
+                        help="truncation length on both sides, and the length of tuneforge's packed rows (default 256)")
+    parser.add_argument("--no-share-prefix", action="store_true",
+                        help="tuneforge packs without holding the shared system prompt once per row")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--workdir", default="/tmp/tuneforge-bench")

@@ -8,20 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from tiny_models import tiny_chat_model_and_tokenizer
 
 from tuneforge.quant import quantize_model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "loftq_init.py"
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from eval_helpers import ANSWERS, QUESTIONS, make_model, qa_example
 from tiny_models import CHATML_TEMPLATE, build_tiny_tokenizer
 
@@ -11,16 +10,8 @@ from tuneforge.models import LoadedModel
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Run these tests on one intra-op thread, then restore the setting.
-
-    Tiny models spend their time in per-op overhead, so a second thread buys nothing; and when
-    other jobs share the cores, threads waiting on each other made the side-by-side test 50x slower
-    (0.3 s on one thread, 15 s on two, measured on a 2-core machine under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,7 @@ import os
 import threading
 
 import pytest
-import torch
-from serve_helpers import ADAPTERS, chat_model, chat_tokenizer, reference_tokens, save_all_adapters, save_lora
+from serve_helpers import ADAPTERS, chat_model, reference_tokens, save_all_adapters, save_lora
 from tiny_models import tiny_llama
 
 from tuneforge.adapters import LoraConfig, add_adapter, save_adapter
@@ -21,19 +20,6 @@ from tuneforge.serve.adapters import (
 )
 from tuneforge.serve.engine import Engine, GenerationRequest
 from tuneforge.serve.sampling import SamplingParams
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return chat_tokenizer()
 
 
 @pytest.fixture(scope="module")

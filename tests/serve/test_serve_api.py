@@ -7,9 +7,8 @@ import threading
 import time
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
-from serve_helpers import chat_model, chat_tokenizer, reference_tokens, save_all_adapters
+from serve_helpers import chat_model, reference_tokens, save_all_adapters
 
 from tuneforge.eval.generation import PromptFormat
 from tuneforge.data import Message
@@ -18,19 +17,6 @@ from tuneforge.serve.api import create_app
 from tuneforge.serve.engine import Engine
 
 BASE = "tiny-base"
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return chat_tokenizer()
 
 
 @pytest.fixture(scope="module")

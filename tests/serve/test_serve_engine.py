@@ -18,19 +18,6 @@ from tuneforge.serve.sampling import SamplingParams, filtered_probabilities
 from tuneforge.serve.scheduler import QueueFullError
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return chat_tokenizer()
-
-
 @pytest.fixture(scope="module")
 def adapters_dir(tmp_path_factory, tokenizer):
     return save_all_adapters(tokenizer, tmp_path_factory.mktemp("adapters"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_helpers import chat_model, chat_tokenizer
+from serve_helpers import chat_model
 
 from tuneforge.adapters import (
     LoraConfig,
@@ -24,19 +24,6 @@ from tuneforge.serve.sampling import SamplingParams
 MAX_TOKENS = 10
 # (name, rank, targets, seed): both adapters sit on quantized projections, with different ranks.
 ADAPTERS = [("a", 2, ["q_proj", "v_proj"], 21), ("b", 4, ["o_proj", "gate_proj", "down_proj"], 22)]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return chat_tokenizer()
 
 
 @pytest.fixture(scope="module")
