@@ -3,7 +3,7 @@
 Both return `input_ids`, `labels`, `position_ids` (B, T) and `attention_mask`, ready for
 `model(**batch)` with any transformers causal LM.
 
-Packed rows must give every example exactly the loss it would have alone. Three things ensure it:
+Packed rows must give every example exactly the loss it would have alone. This is how:
 
 1. `position_ids` restart at 0 for each example, so rotary embeddings see the same positions.
 2. `attention_mask` is a 4D block-diagonal causal mask (B, 1, T, T): a token attends to earlier
