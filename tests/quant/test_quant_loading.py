@@ -77,3 +77,27 @@ def test_allocator_tuning_applies_on_glibc_linux():
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert applied
     assert return_large_buffers_to_os() == applied  # idempotent
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_embedding_stays_in_a_private_mapping_of_the_file(tmp_path, dtype):
+    """Only the rows a batch reads need to be in memory; writing to the table never reaches the file."""
+    from safetensors.torch import load_file
+
+    tiny_llama().to(dtype).save_pretrained(tmp_path)
+    on_disk = load_file(tmp_path / "model.safetensors")["model.embed_tokens.weight"]
+    loaded = load_quantized(tmp_path, compute_dtype=torch.float32, dtype=dtype)
+    table = loaded.model.embed_tokens.weight
+    assert torch.equal(table, on_disk)
+    assert table.untyped_storage().nbytes() > table.numel() * table.element_size()  # a view of the whole file
+    with torch.no_grad():
+        table[0] += 1  # e.g. a method that trains some token rows
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["model.embed_tokens.weight"], on_disk)
+
+
+def test_an_embedding_stored_in_another_dtype_is_read_into_memory(tmp_path):
+    tiny_llama().to(torch.bfloat16).save_pretrained(tmp_path)
+    loaded = load_quantized(tmp_path, compute_dtype=torch.float32, dtype=torch.float32)
+    table = loaded.model.embed_tokens.weight
+    assert table.dtype == torch.float32
+    assert table.untyped_storage().nbytes() == table.numel() * table.element_size()

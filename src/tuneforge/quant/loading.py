@@ -33,6 +33,7 @@ from tuneforge.quant.model import is_skipped
 QUANT_FILE = "tuneforge_quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class _TensorReader:
@@ -49,6 +50,7 @@ class _TensorReader:
             raise ModelLoadError(f"{model_dir} holds no .safetensors files; quantized loading reads safetensors "
                                  "checkpoints (convert .bin checkpoints with save_pretrained(safe_serialization=True))")
         self.where: dict[str, Path] = {}
+        self._mappings: dict[Path, torch.UntypedStorage] = {}
         for file in files:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
@@ -60,6 +62,22 @@ class _TensorReader:
     def get(self, key: str) -> torch.Tensor:
         with safe_open(str(self.where[key]), framework="pt") as handle:
             return handle.get_tensor(key).clone()  # owned memory, not a view of the mapping
+
+    def mapped(self, key: str, dtype: torch.dtype) -> torch.Tensor | None:
+        """``key`` as a view of a private (copy-on-write) mapping of its file, or None when the file
+        stores it in another dtype or unaligned. Only the pages a computation touches become resident:
+        for an embedding, the rows of the tokens seen, as with transformers' own loading."""
+        file = self.where[key]
+        with open(file, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            entry = json.loads(handle.read(header_size))[key]
+        stored = SAFETENSORS_DTYPES.get(entry["dtype"])
+        offset = 8 + header_size + entry["data_offsets"][0]
+        if stored != dtype or offset % dtype.itemsize:
+            return None
+        if file not in self._mappings:
+            self._mappings[file] = torch.UntypedStorage.from_file(str(file), shared=False, nbytes=file.stat().st_size)
+        return torch.empty(0, dtype=dtype).set_(self._mappings[file], offset // dtype.itemsize, entry["shape"])
 
 
 def _empty_model(model_dir: Path, dtype: torch.dtype) -> nn.Module:
@@ -142,11 +160,17 @@ def load_quantized(model_dir: str | Path, *, bits: int = 4, quant_type: str = "n
 
 
 def _load_remaining(model: nn.Module, reader: _TensorReader) -> None:
-    """Every tensor not inside a QuantLinear (embeddings, norms, skipped layers), read one at a time."""
+    """Every tensor not inside a QuantLinear (embeddings, norms, skipped layers), read one at a time.
+
+    Embedding tables stay in their file's mapping when it holds them in the model's dtype: a batch
+    reads only its tokens' rows, so most of a large vocabulary never needs to be in memory."""
     quantized = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    embeddings = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
     for key in [k for k, _ in [*model.named_parameters(), *model.named_buffers()]]:
         if key.rpartition(".")[0] not in quantized and key in reader:
-            _set_tensor(model, key, reader.get(key))
+            current = model.get_parameter(key) if key in embeddings else None
+            value = reader.mapped(key, current.dtype) if current is not None else None
+            _set_tensor(model, key, value if value is not None else reader.get(key))
 
 
 def _quantize_tied_head(model, targets, bits, quant_type, double_quant, blocksize, compute_dtype) -> None:
