@@ -34,3 +34,11 @@ def test_a_runs_section_maps_back_to_its_preset_and_what_the_preset_misses():
     int8 = {"bits": 8, "type": "nf4", "double_quant": False, "blocksize": 32}  # 4-bit keys mean nothing at 8 bits
     assert preset_for(int8) == "int8" and settings_beyond_preset(int8) == {}
     assert settings_beyond_preset({"bits": 4, "type": "nf4"}) == {}
+
+
+def test_compute_dtype_auto_is_bf16_on_a_gpu_and_float32_on_a_cpu():
+    from tuneforge.quant.presets import compute_dtype_for
+
+    assert compute_dtype_for("auto", "cpu") == torch.float32
+    assert compute_dtype_for("auto", "cuda") == torch.bfloat16
+    assert compute_dtype_for("float16", "cpu") == torch.float16

@@ -109,10 +109,11 @@ def _quantize(model: nn.Module, settings: dict) -> None:
         quant = QuantConfig(**settings)
     except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         raise ConfigError(f"the run's quantization settings {settings!r} are not valid: {exc}") from None
-    # Exports merge and verify in float32 on the CPU, where training's "auto" also means float32.
-    compute = "float32" if quant.compute_dtype == "auto" else quant.compute_dtype
+    from tuneforge.quant.presets import compute_dtype_for
+
+    # Exports merge and verify on the CPU, where training's "auto" means float32.
     quantize_model(model, bits=quant.bits, quant_type=quant.type, double_quant=quant.double_quant,
-                   blocksize=quant.blocksize, compute_dtype=getattr(torch, compute),
+                   blocksize=quant.blocksize, compute_dtype=compute_dtype_for(quant.compute_dtype, "cpu"),
                    skip_modules=quant.skip_modules)
 
 

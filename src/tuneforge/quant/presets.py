@@ -19,17 +19,24 @@ PRESET_DEFAULTS = {"double_quant": True, "blocksize": 64, "skip_modules": ["lm_h
 FOUR_BIT_ONLY = ("double_quant", "blocksize")
 
 
+def compute_dtype_for(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """A ``compute_dtype`` setting as a dtype; ``auto`` is bfloat16 on a GPU and float32 on a CPU
+    (CPUs without bf16 units run bf16 matmuls many times slower)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
 def quantization_settings(kind: str | None, device: torch.device | str = "cpu") -> dict | None:
     """``--quantize KIND`` as ``load_model``'s ``quantization`` keywords; None when no flag was given.
 
-    The compute dtype follows training's ``compute_dtype: auto``: bfloat16 on a GPU, float32 on a
-    CPU (CPUs without bf16 units run bf16 matmuls many times slower).
+    The compute dtype follows training's ``compute_dtype: auto`` (``compute_dtype_for``).
     """
     if kind is None:
         return None
     if kind not in QUANTIZE_CHOICES:
         raise ConfigError(f"--quantize {kind!r} is not a preset; choose one of {', '.join(QUANTIZE_CHOICES)}")
-    compute = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    compute = compute_dtype_for("auto", device)
     if kind == "int8":
         return dict(bits=8, compute_dtype=compute)
     return dict(bits=4, quant_type=kind, compute_dtype=compute)

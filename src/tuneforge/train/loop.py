@@ -160,12 +160,11 @@ def _load_base(config: TrainConfig, device: torch.device):
 
 
 def _quant_settings(config: TrainConfig, device: torch.device) -> dict:
+    from tuneforge.quant.presets import compute_dtype_for
+
     quant = config.quantization
-    compute = quant.compute_dtype
-    if compute == "auto":
-        compute = "bfloat16" if device.type == "cuda" else "float32"
     return dict(bits=quant.bits, quant_type=quant.type, double_quant=quant.double_quant, blocksize=quant.blocksize,
-                compute_dtype=getattr(torch, compute), skip_modules=quant.skip_modules)
+                compute_dtype=compute_dtype_for(quant.compute_dtype, device), skip_modules=quant.skip_modules)
 
 
 def _quantize_base(model: nn.Module, config: TrainConfig, device: torch.device) -> None:
