@@ -984,6 +984,14 @@ def preserved_notes(path: Path) -> str:
             "(this block is kept when the report is rebuilt).")
 
 
+def seeds_sentence(options: argparse.Namespace) -> str:
+    if options.seeds == 1:
+        return "Every row runs with seed 0 only."
+    others = ", ".join(str(seed) for seed in range(1, options.seeds))
+    return (f"Every row runs with seed 0; the {options.top} best rows by seed-0 accuracy, and {REFERENCE_ROW}, also "
+            f"with seed{'s' if options.seeds > 2 else ''} {others} (exact match: the mean, each seed in brackets).")
+
+
 def render_markdown(summaries: list[Summary], options: argparse.Namespace, store: ResultStore, command: str,
                     ignored: list[str], notes: str) -> str:
     reference = next((s for s in summaries if s.name == REFERENCE_ROW and s.runs), None)
@@ -1001,9 +1009,8 @@ def render_markdown(summaries: list[Summary], options: argparse.Namespace, store
         f"{options.eval_examples} held-out problems: greedy exact match, and eval loss (mean per answer token). "
         "Layer methods adapt the upper half of the decoder layers. Learning rates are per method (the `lr` "
         "column: typical values from each method's paper or PEFT's examples, not tuned here; the LoRA family's "
-        f"1e-3 is the demo's). Every row runs with seed 0; the {options.top} best rows and {REFERENCE_ROW} also with "
-        f"seeds 1..{options.seeds - 1} (accuracy: the mean, each seed in brackets). Columns `x {REFERENCE_ROW}` "
-        f"divide by {REFERENCE_ROW}'s value (mean over its seeds).",
+        f"1e-3 is the demo's). {seeds_sentence(options)} Columns `x {REFERENCE_ROW}` divide by {REFERENCE_ROW}'s "
+        "value (mean over its seeds).",
         "",
         f"- command: `{command}` (resumable: rerun it until no row is pending)",
         f"- results: `{RESULTS_FILE}` beside this file, {len(used)} measurements"
