@@ -21,7 +21,7 @@ NO_PAPER = {"tuneforge.adapters.trainable_tokens"}
 REWRITTEN_ELSEWHERE = {"allora", "adalora", "loretta", "sora", "mole", "mixlora", "sparse_ft", "hydra", "bitfit", "eva"}
 
 PAPER = re.compile(r"arXiv:\d{4}\.\d{4,5}|\b(ICLR|ICML|NeurIPS|EMNLP|EACL|NAACL|ACL|AAAI|CVPR|ICCV|ECCV|TMLR) (19|20)\d\d\b")
-EQUATION_OR_SECTION = re.compile(r"\bEqs?\.|\bEquation\b|§\s?\d|\bsection\b|\bAlgorithm \d", re.IGNORECASE)
+EQUATION_OR_SECTION = re.compile(r"\bEqs?\.|\bEquation\b|§\s?\d|\bsections?\b|\bAlgorithm \d", re.IGNORECASE)
 
 
 def method_modules() -> list[str]:

@@ -1,8 +1,9 @@
 """Adaption prompts (LLaMA-Adapter, Zhang et al. 2023): learned prompts attended to in the top layers.
 
 Paper: Zhang et al., "LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-init Attention",
-ICLR 2024, arXiv:2303.16199, §3.1 (adaption prompts in the top layers) and §3.2 (zero-init attention: the
-prompts' softmax scores are scaled by a gate g_l that starts at zero); PEFT's layout.
+arXiv:2303.16199 (ICLR 2024); implements its sections "Learnable Adaption Prompts" (prompts in the top
+layers) and "Zero-initialized Attention" (the prompts' softmax scores scaled by a gate g_l that starts at
+zero), in PEFT's layout.
 
 In each of the top ``adapter_layers`` attention layers, ``adapter_len`` learned prompt vectors are
 projected by the layer's own k_proj/v_proj (no rotary embedding: they have no position); the layer's
