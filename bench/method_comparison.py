@@ -1092,8 +1092,8 @@ def plot_summaries(summaries: list[Summary], path: Path) -> None:
     scatter.set_title("accuracy vs trainable parameters")
     ranked = sorted(trained, key=lambda s: -s.mean("exact_match"))
     means = [100 * s.mean("exact_match") for s in ranked]
-    spread = [[m - 100 * min(r.exact_match for r in s.runs) for m, s in zip(means, ranked)],
-              [100 * max(r.exact_match for r in s.runs) - m for m, s in zip(means, ranked)]]
+    scores = [[100 * run.exact_match for run in s.runs if run.exact_match is not None] for s in ranked]
+    spread = [[m - min(seeds) for m, seeds in zip(means, scores)], [max(seeds) - m for m, seeds in zip(means, scores)]]
     accuracy.barh([s.name for s in ranked], means, xerr=spread)
     accuracy.invert_yaxis()
     accuracy.set_xlim(0, 103)
