@@ -1,5 +1,10 @@
 """Adaption prompts (LLaMA-Adapter, Zhang et al. 2023): learned prompts attended to in the top layers.
 
+Paper: Zhang et al., "LLaMA-Adapter: Efficient Fine-tuning of Language Models with Zero-init Attention",
+arXiv:2303.16199 (ICLR 2024); implements its sections "Learnable Adaption Prompts" (prompts in the top
+layers) and "Zero-initialized Attention" (the prompts' softmax scores scaled by a gate g_l that starts at
+zero), in PEFT's layout.
+
 In each of the top ``adapter_layers`` attention layers, ``adapter_len`` learned prompt vectors are
 projected by the layer's own k_proj/v_proj (no rotary embedding: they have no position); the layer's
 rotary-embedded queries attend to them with their own softmax, scaled by a zero-initialised gate,

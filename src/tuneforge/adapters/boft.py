@@ -1,5 +1,9 @@
 """BOFT: orthogonal finetuning with butterfly factorisation (Liu et al. 2024).
 
+Paper: Liu et al., "Parameter-Efficient Orthogonal Finetuning via Butterfly Factorization", ICLR 2024,
+arXiv:2311.06243; implements the butterfly-factorised orthogonal matrix of its method section (written out
+below) with PEFT's layout, including PEFT's learned output scale ``boft_s``.
+
 OFT's block-diagonal multiplier only mixes features inside a block. BOFT multiplies m sparse
 orthogonal factors; factor i is block-diagonal (blocks of size b, Cayley transforms as in OFT)
 seen through a butterfly permutation P_i, so after m factors each feature can reach b·2^(m-1)

@@ -1,5 +1,10 @@
 """Bottleneck adapters: small down-project / non-linearity / up-project modules inserted in each block.
 
+Papers: Houlsby et al., "Parameter-Efficient Transfer Learning for NLP", ICML 2019, arXiv:1902.00751, §2.1
+(two serial adapters per layer); Pfeiffer et al., "AdapterFusion", EACL 2021, arXiv:2005.00247 (one serial
+adapter after the FFN); He et al., "Towards a Unified View of Parameter-Efficient Transfer Learning", ICLR
+2022, arXiv:2110.04366 (the parallel adapter with scale s). The equations are below.
+
     serial   (Houlsby et al. 2019; Pfeiffer et al. 2021):  h' = h + up(act(down(h)))       on a block's output h
     parallel (He et al. 2022):                             h' = h + s · up(act(down(x)))   beside the FFN, on its input x
 

@@ -1,5 +1,9 @@
 """DoRA (Liu et al. 2024): weight = m · (W + s·BA) / ||W + s·BA||, with a trainable magnitude m.
 
+Paper: Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024, arXiv:2402.09353: the
+decomposition of its §4 (magnitude m times W + ΔW normalised per output feature, ΔW = BA) with the norm
+treated as a constant in backward as its §4.3 prescribes; PEFT does the same.
+
 Forward reuses the base layer's output instead of a second full matmul:
 
     out_dora = out_base + (m/‖W'‖ − 1) · W x + (m/‖W'‖) · s·B A x,   W' = W + s·BA

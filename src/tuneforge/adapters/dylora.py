@@ -1,6 +1,9 @@
 """DyLoRA (Valipour et al. 2023, "DyLoRA: Parameter Efficient Tuning of Pre-trained Models using Dynamic
 Search-Free Low-Rank Adaptation"): one adapter trained for every rank b in [min_r, r] at once.
 
+Paper: Valipour et al., EACL 2023, arXiv:2210.07558; implements the truncated update of its method section
+(written out below), in the frozen-lower-ranks form the paper trains by default.
+
 Each training forward samples b uniformly from [min_r, r] and uses the truncated update::
 
     h = W x + (alpha / b) · B[:, :b] A[:b, :] x

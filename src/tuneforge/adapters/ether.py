@@ -1,5 +1,9 @@
 """ETHER and ETHER+: finetuning by hyperplane reflections (Bini et al. 2024).
 
+Paper: Bini et al., "ETHER: Efficient Finetuning of Large-Scale Models with Hyperplane Reflections", ICML
+2024, arXiv:2405.20271; implements the ETHER and ETHER+ transformations of its method section (written out
+below).
+
 ETHER multiplies the frozen weight on its output side by a block-diagonal Householder
 reflection, one learned normal u per block (``nb`` blocks)::
 

@@ -1,5 +1,9 @@
 """HRA: Householder reflection adaptation (Yuan et al. 2024).
 
+Paper: Yuan, Liu & Xu, "Bridging The Gap between Low-rank and Orthogonal Adaptation via Householder
+Reflection Adaptation", NeurIPS 2024, arXiv:2405.17484, §3.1 (the chain of r Householder reflections) and
+its orthogonality regulariser.
+
 The weight is multiplied on its input side by a chain of r Householder reflections, whose unit
 normals are the columns of U (PEFT's ``hra_u``, (in, r))::
 

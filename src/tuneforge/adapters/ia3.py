@@ -1,5 +1,9 @@
 """(IA)³ (Liu et al. 2022): learned vectors that rescale activations, initialised to ones.
 
+Paper: Liu et al., "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than In-Context Learning"
+(T-Few), NeurIPS 2022, arXiv:2205.05638, §3.3: l_k ⊙ K, l_v ⊙ V and l_ff ⊙ γ(W₁x), the last being the FFN's
+down-projection input, as implemented here and in PEFT.
+
 Keys and values are rescaled on the output side, ``out · l``; the FFN's down-projection is
 rescaled on its input side, ``W (x · l)`` (``feedforward_modules``). Both fold into W:
 

@@ -1,5 +1,12 @@
 """Layer-selective finetuning: whole decoder layers train, everything else stays frozen.
 
+Papers: there is no single paper for training whole chosen layers; ``layers``/``top_k`` is the
+layer-freezing setting of Lee et al., "What Would Elsa Do? Freezing Layers During Transformer Fine-Tuning",
+2019, arXiv:1911.03090, and ``by_importance`` ranks layers by gradient norm in the spirit of the Auto-RGN
+criterion of Lee et al., "Surgical Fine-Tuning Improves Adaptation to Distribution Shifts", ICLR 2023,
+arXiv:2210.11466, using the plain norm, not the norm relative to the weights. Equation: W' = W + ΔW on every
+Linear of a chosen layer, ΔW dense and trainable.
+
 Each linear layer in a chosen decoder layer gets a full-size trainable delta ΔW (zeros at init),
 so the base stays untouched and the usual adapter operations (disable, save, delete, merge) keep
 working; the file holds only the chosen layers' deltas (``<module>.layer_delta``).

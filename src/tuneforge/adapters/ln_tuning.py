@@ -1,5 +1,9 @@
 """LN tuning (Zhao et al. 2023): train only the normalisation layers, as per-adapter copies.
 
+Paper: Zhao et al., "Tuning LayerNorm in Attention: Towards Efficient Multi-Modal LLM Finetuning", 2023,
+arXiv:2312.11420; implements the method section's recipe, training only the normalisation layers' weights
+and biases (each norm's forward, y = γ ⊙ norm(x) + β, with γ and β trainable).
+
 Each targeted norm (LayerNorm, RMSNorm, transformers' ``LlamaRMSNorm``, ...) gets a trainable copy;
 while the adapter is live the copy replaces the norm. Merging writes the copy's weights into the
 base norm and keeps the originals so unmerge restores them exactly. The file holds the copy's

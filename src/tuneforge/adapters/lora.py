@@ -1,5 +1,11 @@
 """LoRA (Hu et al. 2021) with rsLoRA scaling (Kalajdzievski 2023).
 
+Papers: Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022, arXiv:2106.09685, §4.1,
+Eq. (3) (h = W₀x + BAx, with ΔWx scaled by α/r); Kalajdzievski, "A Rank Stabilization Scaling Factor for
+Fine-Tuning with LoRA", 2023, arXiv:2312.03732 (the α/√r factor). The paper initialises A from a Gaussian;
+the default here is PEFT's Kaiming-uniform A (the reference code most files come from), and
+``init: gaussian`` gives a Gaussian A.
+
     h = W x + s · B A dropout(x),   s = alpha / r  (rsLoRA: alpha / sqrt(r))
 
 B starts at zero, so the model is unchanged at init. A is Kaiming-uniform (PEFT's default) or

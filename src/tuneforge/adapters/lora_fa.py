@@ -1,5 +1,8 @@
 """LoRA-FA (Zhang et al. 2023, "LoRA-FA: Memory-efficient Low-rank Adaptation"): A frozen, only B trains.
 
+Paper: Zhang et al., 2023, arXiv:2308.03303; implements the update of its method section (written out
+below): A frozen at its random initialisation, B trained from zero, as the paper describes.
+
     h = W x + s · B A x,   A fixed at its random init, B from zero
 
 Freezing A means the layer input need not be kept for A's gradient, only the r-dimensional A x.

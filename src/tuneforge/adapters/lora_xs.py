@@ -1,5 +1,9 @@
 """LoRA-XS (Bałazy et al. 2024): a trainable r×r core between frozen singular vectors of W.
 
+Paper: Bałazy et al., "LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters", 2024,
+arXiv:2405.17604; implements the update of its method section (written out below): frozen factors from the
+truncated SVD of W, a trainable r×r matrix between them.
+
     h = W x + s · B R A x,   B = U_r S_r (out, r),  A = V_rᵀ (r, in),  s = alpha / r
 
 from the truncated SVD W ≈ U_r S_r V_rᵀ. R starts at zero, so the model is unchanged at init; only

@@ -1,5 +1,9 @@
 """MoS (Wang et al. 2024, "Mixture of Shards"): LoRA factors assembled from shard pools shared by layers.
 
+Paper: Wang et al., "MoS: Unleashing Parameter Efficiency of Low-Rank Adaptation with Mixture of Shards",
+ICLR 2025, arXiv:2410.00938; implements the four techniques of its method section (subset selection, pair
+dissociation, vector sharding, shard privatization), listed below.
+
 Vector sharding: each row of A (length in) and each column of B (length out) is cut into
 ``shards_per_vector`` equal shards. The adapter keeps global pools of trainable shards, one per side
 and shard length (layers whose shards have the same shape share a pool), and each layer builds

@@ -1,5 +1,10 @@
 """OFT: orthogonal finetuning (Qiu et al. 2023), and the multiplicative-adapter base it shares.
 
+Paper: Qiu et al., "Controlling Text-to-Image Diffusion by Orthogonal Finetuning", NeurIPS 2023,
+arXiv:2306.07280; implements its constrained orthogonal update, W' = R W with a block-diagonal R from the
+Cayley parametrisation of its method section. The paper writes R = (I + Q)(I − Q)⁻¹; PEFT (and this module)
+use (I − Q)(I + Q)⁻¹, the same family with Q negated, so that files match PEFT's.
+
 OFT keeps the frozen weight's hyperspherical energy by multiplying it with an orthogonal matrix
 instead of adding a delta. The multiplier is block-diagonal; each block is the Cayley transform
 of a skew-symmetric matrix Q, stored as its strict upper triangle (PEFT's ``oft_R.weight``)::

@@ -1,5 +1,9 @@
 """P-tuning (Liu et al. 2021, "GPT Understands, Too"): virtual tokens produced by a prompt encoder.
 
+Paper: Liu et al., "GPT Understands, Too", 2021, arXiv:2103.10385; implements the prompt encoder of its
+method section: the virtual tokens h_i are produced by an LSTM-plus-MLP (or MLP) encoder over trainable
+embeddings.
+
 Trainable embeddings (num_virtual_tokens × hidden) go through an MLP (Linear-ReLU-Linear-ReLU-Linear)
 or a bidirectional LSTM followed by Linear-ReLU-Linear (``encoder_reparameterization_type``); the
 encoder's output is prepended to the input exactly like a prompt-tuning prompt (see prompt_tuning.py).

@@ -1,5 +1,9 @@
 """Prefix tuning (Li & Liang 2021): learned key/value prefixes of ``num_virtual_tokens`` in every layer.
 
+Paper: Li & Liang, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", ACL 2021,
+arXiv:2101.00190; implements its method section: h_i = P_θ[i, :] at prefix positions of every layer, with
+P_θ reparameterised by an MLP during training (``prefix_projection``).
+
 The prefixes enter through the attention cache: before the backbone's first call for a sequence, a
 transformers ``DynamicCache`` is filled with each layer's prefix keys and values (the one the caller
 or ``generate`` passed, or a new one), the attention mask gets leading ones and given position ids

@@ -1,5 +1,8 @@
 """Prompt tuning (Lester et al. 2021): ``num_virtual_tokens`` learned embeddings prepended to the input.
 
+Paper: Lester, Al-Rfou & Constant, "The Power of Scale for Parameter-Efficient Prompt Tuning", EMNLP 2021,
+arXiv:2104.08691, §2: the input becomes [P_e; X_e], P_e ∈ R^{p×e} the trainable prompt.
+
 The soft prompt enters as ``inputs_embeds`` in front of the token embeddings, with the attention mask
 and any given position ids extended; the backbone's hidden states for the virtual positions are then
 dropped, so logits, labels and the chunked training loss stay aligned with the input ids exactly as

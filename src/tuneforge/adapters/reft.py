@@ -1,6 +1,9 @@
 """LoReFT and DiReFT (Wu et al. 2024, "ReFT: Representation Finetuning"): edits of the hidden states
 that decoder layers output, at chosen layers and token positions; the weights stay untouched.
 
+Paper: Wu et al., "ReFT: Representation Finetuning for Language Models", NeurIPS 2024, arXiv:2404.03592;
+implements LoReFT, Φ(h) = h + Rᵀ(Wh + b − Rh), and its DiReFT ablation, both from its method section.
+
     LoReFT:  h + Rᵀ(W h + b − R h)      R (r × d) with orthonormal rows (torch's orthogonal parametrization)
     DiReFT:  h + W₂ᵀ(W₁ h + b)          no orthogonality: cheaper, the paper's ablation
 

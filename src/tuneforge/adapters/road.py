@@ -1,5 +1,9 @@
 """RoAd (Liao et al. 2024, "3-in-1"): rotate and scale pairs of output elements.
 
+Paper: Liao et al., "3-in-1: 2D Rotary Adaptation for Efficient Finetuning, Efficient Batching and
+Composability", 2024, arXiv:2409.00119; implements the paired rotation of its method section (written out
+below) in PEFT's three variants and layout, which is what files are exchanged in.
+
 The layer's output h = W x + b is cut into groups of ``group_size``; inside a group, element i of the
 first half pairs with element i of the second half, and each pair (h_i, h_j) becomes
 

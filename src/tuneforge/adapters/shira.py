@@ -1,5 +1,8 @@
 """SHiRA (Bhardwaj et al. 2024): train a fixed, sparse set of base-weight entries.
 
+Paper: Bhardwaj et al., "Sparse High Rank Adapters", 2024, arXiv:2406.13175; implements the sparse update of
+its method section (ΔW nonzero only on a fixed mask of W's entries), with PEFT's file layout.
+
 Each target layer picks ``k`` entries of W once (the mask) and trains one value per entry; ΔW is
 zero elsewhere, so an adapter is high-rank yet tiny, and switching adapters touches only k entries.
 

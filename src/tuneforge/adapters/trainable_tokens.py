@@ -1,5 +1,8 @@
 """Trainable tokens: only chosen rows of the token embedding train (e.g. new special tokens).
 
+No paper: this follows PEFT's ``TrainableTokens`` method, the reference implementation, whose file key it
+uses. Equation: E'[t] = E_new[t] for t in ``token_indices``, E'[t] = E[t] otherwise.
+
 The adapter holds new values for rows ``token_indices`` (initialised to the current rows, so a new
 adapter changes nothing); a lookup of one of those tokens returns the trained row. When the output
 head shares the embedding's weight (tied embeddings, e.g. GPT-2), the head is wrapped too and uses

@@ -1,5 +1,9 @@
 """VB-LoRA (Li et al. 2024): every sub-vector of every LoRA factor is a top-k mixture from one bank.
 
+Paper: Li et al., "VB-LoRA: Extreme Parameter Efficient Fine-Tuning with Vector Banks", NeurIPS 2024,
+arXiv:2405.15179; implements the top-k admixture of its method section (written out below), with PEFT's
+parameter layout.
+
 The adapter owns one trainable vector bank V (num_vectors, L), shared by all its layers. A layer's A
 (r, in) is cut into r · in/L sub-vectors of length L and B (out, r) into out/L · r; each sub-vector
 has its own logits over the bank, keeps the top-k of them and mixes those bank vectors with the

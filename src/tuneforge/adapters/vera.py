@@ -1,5 +1,9 @@
 """VeRA (Kopiczko et al. 2024): one frozen random pair (A, B) for the whole model, scaled per layer.
 
+Paper: Kopiczko, Blankevoort & Asano, "VeRA: Vector-based Random Matrix Adaptation", ICLR 2024,
+arXiv:2310.11454; implements the update of its method section (written out below). Initialisation follows
+PEFT, the reference implementation: Kaiming-uniform shared matrices, λ_b = 0, λ_d = ``d_initial``.
+
     h = W x + Λ_b B Λ_d A x,   Λ_b = diag(λ_b) (out), Λ_d = diag(λ_d) (r)
 
 A (r × in_max) and B (out_max × r) are drawn once per adapter from ``projection_prng_key`` and each

@@ -1,5 +1,9 @@
 """CorDA (Yang et al. 2024): decompose W along the directions its inputs actually use.
 
+Paper: Yang et al., "CorDA: Context-Oriented Decomposition Adaptation of Large Language Models for
+Task-Aware Parameter-Efficient Fine-tuning", NeurIPS 2024, arXiv:2406.05223; implements the
+covariance-oriented SVD of its method section (written out below) in both of its modes.
+
 With C the (regularised) covariance of the layer's inputs over a few calibration batches::
 
     W C = U S Vᵀ,   W = U S Vᵀ C⁻¹   (exact, over all components)

@@ -1,5 +1,8 @@
 """LoftQ (Li et al. 2023): choose the 4-bit base and the LoRA start together, so Q + s·B A ≈ W.
 
+Paper: Li et al., "LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models", ICLR 2024,
+arXiv:2310.08659, Algorithm 1 (alternating quantization and low-rank SVD, written out below).
+
 Alternate T times, starting from B A = 0:
 
     Q  = dequant(NF4(W - s·B A))

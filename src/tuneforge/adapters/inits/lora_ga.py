@@ -1,5 +1,9 @@
 """LoRA-GA (Wang et al. 2024): align the first LoRA step with the first full-finetuning step.
 
+Paper: Wang, Yu & Li, "LoRA-GA: Low-Rank Adaptation with Gradient Approximation", NeurIPS 2024,
+arXiv:2407.05000; implements the gradient-aligned initialisation and stable scale of its method section
+(written out below).
+
 With G = U S Vᵀ the gradient of the loss with respect to W (averaged over calibration batches),
 one step of LoRA changes W by roughly -η s² (B0 B0ᵀ G + G A0ᵀ A0). Choosing
 

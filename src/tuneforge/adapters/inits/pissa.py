@@ -1,5 +1,9 @@
 """PiSSA (Meng et al. 2024): train the principal singular components of W, freeze the rest.
 
+Paper: Meng, Wang & Zhang, "PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large
+Language Models", NeurIPS 2024, arXiv:2404.02948; implements the initialisation of its method section
+(written out below).
+
     W = U S Vᵀ,   B0 = U_r sqrt(S_r / s),   A0 = sqrt(S_r / s) V_rᵀ,   so s·B0 A0 = U_r S_r V_rᵀ
 
 and the frozen residual W - s·B0 A0 holds the remaining components. ``niter`` switches the exact
