@@ -125,9 +125,9 @@ CASES = [
         target_modules=["ln_1", "ln_f"]), make_model=tiny_gpt2),
     AdapterCase("bitfit-gpt2-biases", lambda: __import__("tuneforge.adapters.bitfit", fromlist=["_"]).BitFitConfig(),
                 make_model=tiny_gpt2),
-    # Llama's linear layers have no bias: merging refuses (or adds new tensors), see test_bitfit.py.
-    AdapterCase("bitfit-llama-no-bias", lambda: __import__("tuneforge.adapters.bitfit", fromlist=["_"]).BitFitConfig(
-        target_modules=["q_proj", "down_proj"]), mergeable=False),
+    # Llama's linear layers have no bias: only add_missing_biases adds some; merging then refuses (test_bitfit.py).
+    AdapterCase("bitfit-llama-added-biases", lambda: __import__("tuneforge.adapters.bitfit", fromlist=["_"]).BitFitConfig(
+        target_modules=["q_proj", "down_proj"], add_missing_biases=True), mergeable=False),
     AdapterCase("bottleneck-llama-houlsby", lambda: __import__("tuneforge.adapters.bottleneck", fromlist=["_"]).BottleneckConfig(
         reduction_factor=4), mergeable=False),
     AdapterCase("bottleneck-llama-parallel", lambda: __import__("tuneforge.adapters.bottleneck", fromlist=["_"]).BottleneckConfig(

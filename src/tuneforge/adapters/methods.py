@@ -149,7 +149,8 @@ register_method(MethodSpec(
 ))
 register_method(MethodSpec(
     name="bitfit", config_class=BitFitConfig, supported_layers=linear_layer_types, build=build_bitfit,
-    description="BitFit: trainable bias deltas on the target layers",
+    description="BitFit: trains the target layers' existing biases; a bias-free target (e.g. any Llama linear) is "
+                "an error unless add_missing_biases: true adds new biases",
 ))
 register_method(MethodSpec(
     name="bottleneck", config_class=BottleneckConfig, supported_layers=lambda: (nn.Module,), build=build_bottleneck,
