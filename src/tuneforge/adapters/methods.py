@@ -162,7 +162,9 @@ register_method(MethodSpec(
 ))
 register_method(MethodSpec(
     name="sparse-ft", config_class=SparseFTConfig, supported_layers=linear_layer_types, build=build_sparse_ft,
-    hooks=sparse_ft_hooks, description="sparse finetuning: dense delta projected to a target density (diff pruning)",
+    hooks=sparse_ft_hooks,
+    description="diff pruning: hard-concrete L0 gates on a weight delta (or magnitude-projection), projected to "
+                "target_density, then the kept entries retrain on the fixed mask",
 ))
 register_method(MethodSpec(
     name="layer-select", config_class=LayerSelectConfig, supported_layers=linear_layer_types,
