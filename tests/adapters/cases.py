@@ -183,12 +183,15 @@ CASES = [
         nb=2, plus=True, target_modules=["v_proj", "down_proj"])),
     AdapterCase("ether-plus-gpt2-conv1d-bias", lambda: __import__("tuneforge.adapters.ether", fromlist=["_"]).EtherConfig(
         nb=2, plus=True, target_modules=["c_attn", "c_proj"]), make_model=tiny_gpt2),
-    # Routing depends on the input: a mixture of experts cannot be merged (test_mole.py checks the refusal).
-    AdapterCase("mole-llama-ffn", lambda: __import__("tuneforge.adapters.mole", fromlist=["_"]).MoleConfig(
+    # Routing depends on the input: a mixture of experts cannot be merged (test_mixlora.py checks the refusal).
+    AdapterCase("mixlora-llama-ffn", lambda: __import__("tuneforge.adapters.mixlora", fromlist=["_"]).MixLoraConfig(
         num_experts=3, top_k=2, r=4), mergeable=False),
-    AdapterCase("mole-gpt2-conv1d-top1-dropout", lambda: __import__("tuneforge.adapters.mole", fromlist=["_"]).MoleConfig(
-        num_experts=4, top_k=1, r=2, dropout=0.1, target_modules=["c_fc", "mlp.c_proj"]), make_model=tiny_gpt2,
-        mergeable=False),
+    AdapterCase("mixlora-gpt2-conv1d-top1-dropout", lambda: __import__("tuneforge.adapters.mixlora", fromlist=["_"])
+                .MixLoraConfig(num_experts=4, top_k=1, r=2, dropout=0.1), make_model=tiny_gpt2, mergeable=False),
+    # Routers over fixed LoRAs (merge.lora_router fills the experts; here they are random placeholders).
+    AdapterCase("mole-router-llama-fixed-experts", lambda: __import__("tuneforge.adapters.mole", fromlist=["_"]).MoleConfig(
+        num_experts=3, top_k=2, r=4, train_experts=False, target_modules=["q_proj", "down_proj"]),
+        identity_at_init=False, mergeable=False),
     # --- end section: orthogonal and mixtures ---
     # --- section: model-level ---
     AdapterCase("prompt-tuning-llama", lambda: __import__("tuneforge.adapters.prompt_tuning", fromlist=["_"])
