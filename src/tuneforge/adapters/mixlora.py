@@ -21,7 +21,11 @@ fraction of (token, slot) assignments that go to expert e and P_e the mean route
     aux = E · Σ_e f_e P_e     (1 when routing is uniform)
 
 averaged over the routed blocks and added with ``aux_loss_weight`` through ``TrainingHooks.extra_loss``.
-All tokens of the batch count, padding included (the block does not see the attention mask).
+All tokens of the batch count, padding included (the block does not see the attention mask). The
+reference code (Mixtral's loss) differs in three details we do not follow: it pools the tokens of all
+blocks into one f and one P, leaves padding out, and counts f per token rather than per (token, slot),
+so its value is k times ours (k when routing is uniform). The router is a bias-free linear map
+initialised N(0, 0.02²), as in the reference (``router_init_std``); its input jitter is not implemented.
 MixLoRA also trains plain LoRAs on the attention projections; that is a separate LoRA adapter here.
 The routing depends on the input, so the adapter cannot be merged into the weights. On GPT-2 the
 block's output dropout applies to the base FFN's output only. PEFT has no MixLoRA.
