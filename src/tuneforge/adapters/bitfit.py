@@ -1,11 +1,11 @@
 """BitFit (Ben Zaken et al. 2022, "BitFit: Simple Parameter-efficient Fine-tuning for
 Transformer-based Masked Language-models"): train only the model's existing bias terms.
 
-For a target layer ``h = W x + b`` the bias b trains and W stays frozen (the paper's §2: only the
-b's of the linear layers change). We keep b frozen too and train a delta, ``h = W x + (b + Δb)``
-with Δb = 0 at init, which is the same function and the same gradient, so the base stays untouched
-and only the Δb vectors are saved. Merging adds Δb to the layer's bias. LayerNorm biases, which the
-paper also trains, are not targeted here (``ln-tuning`` trains norm parameters).
+The paper freezes every weight matrix and trains the bias terms: for a target layer ``h = W x + b``,
+b trains and W stays frozen. We keep b frozen too and train a delta, ``h = W x + (b + Δb)`` with
+Δb = 0 at init, which is the same function with the same gradient, so the base stays untouched and
+only the Δb vectors are saved. Merging adds Δb to the layer's bias. The paper's LayerNorm biases are
+not targeted here (``ln-tuning`` trains norm parameters).
 
 As published, BitFit only has biases to train where the model has them. On a model whose linear
 layers have no bias (Llama, Mistral, Qwen2's o_proj and MLP, ...) a target without a bias is an
