@@ -125,9 +125,9 @@ CASES = [
         target_modules=["ln_1", "ln_f"]), make_model=tiny_gpt2),
     AdapterCase("bitfit-gpt2-biases", lambda: __import__("tuneforge.adapters.bitfit", fromlist=["_"]).BitFitConfig(),
                 make_model=tiny_gpt2),
-    # Llama's linear layers have no bias: merging refuses (or adds new tensors), see test_bitfit.py.
-    AdapterCase("bitfit-llama-no-bias", lambda: __import__("tuneforge.adapters.bitfit", fromlist=["_"]).BitFitConfig(
-        target_modules=["q_proj", "down_proj"]), mergeable=False),
+    # Llama's linear layers have no bias: only add_missing_biases adds some; merging then refuses (test_bitfit.py).
+    AdapterCase("bitfit-llama-added-biases", lambda: __import__("tuneforge.adapters.bitfit", fromlist=["_"]).BitFitConfig(
+        target_modules=["q_proj", "down_proj"], add_missing_biases=True), mergeable=False),
     AdapterCase("bottleneck-llama-houlsby", lambda: __import__("tuneforge.adapters.bottleneck", fromlist=["_"]).BottleneckConfig(
         reduction_factor=4), mergeable=False),
     AdapterCase("bottleneck-llama-parallel", lambda: __import__("tuneforge.adapters.bottleneck", fromlist=["_"]).BottleneckConfig(
@@ -183,12 +183,15 @@ CASES = [
         nb=2, plus=True, target_modules=["v_proj", "down_proj"])),
     AdapterCase("ether-plus-gpt2-conv1d-bias", lambda: __import__("tuneforge.adapters.ether", fromlist=["_"]).EtherConfig(
         nb=2, plus=True, target_modules=["c_attn", "c_proj"]), make_model=tiny_gpt2),
-    # Routing depends on the input: a mixture of experts cannot be merged (test_mole.py checks the refusal).
-    AdapterCase("mole-llama-ffn", lambda: __import__("tuneforge.adapters.mole", fromlist=["_"]).MoleConfig(
+    # Routing depends on the input: a mixture of experts cannot be merged (test_mixlora.py checks the refusal).
+    AdapterCase("mixlora-llama-ffn", lambda: __import__("tuneforge.adapters.mixlora", fromlist=["_"]).MixLoraConfig(
         num_experts=3, top_k=2, r=4), mergeable=False),
-    AdapterCase("mole-gpt2-conv1d-top1-dropout", lambda: __import__("tuneforge.adapters.mole", fromlist=["_"]).MoleConfig(
-        num_experts=4, top_k=1, r=2, dropout=0.1, target_modules=["c_fc", "mlp.c_proj"]), make_model=tiny_gpt2,
-        mergeable=False),
+    AdapterCase("mixlora-gpt2-conv1d-top1-dropout", lambda: __import__("tuneforge.adapters.mixlora", fromlist=["_"])
+                .MixLoraConfig(num_experts=4, top_k=1, r=2, dropout=0.1), make_model=tiny_gpt2, mergeable=False),
+    # Routers over fixed LoRAs (merge.lora_router fills the experts; here they are random placeholders).
+    AdapterCase("mole-router-llama-fixed-experts", lambda: __import__("tuneforge.adapters.mole", fromlist=["_"]).MoleConfig(
+        num_experts=3, top_k=2, r=4, train_experts=False, target_modules=["q_proj", "down_proj"]),
+        identity_at_init=False, mergeable=False),
     # --- end section: orthogonal and mixtures ---
     # --- section: model-level ---
     AdapterCase("prompt-tuning-llama", lambda: __import__("tuneforge.adapters.prompt_tuning", fromlist=["_"])

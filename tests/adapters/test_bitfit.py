@@ -1,4 +1,5 @@
-"""BitFit: out + Δb, compact files, merging into existing biases, and the no-bias merge policy."""
+"""BitFit: out + Δb, compact files, merging into existing biases, bias-free layers refused unless
+add_missing_biases, and the no-bias merge policy."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def logits(model, ids):
 
 def test_output_is_base_plus_bias_delta():
     model = tiny_llama()
-    add_adapter(model, BitFitConfig(target_modules=["q_proj"]))
+    add_adapter(model, BitFitConfig(target_modules=["q_proj"], add_missing_biases=True))
     perturb_trainable(model)
     q_proj = model.model.layers[0].self_attn.q_proj
     x = torch.randn(4, 32)
@@ -54,7 +55,7 @@ def test_merge_adds_to_the_existing_bias_and_unmerge_restores():
 
 def test_merge_into_a_layer_without_bias_refuses_and_leaves_the_base_alone():
     model = tiny_llama()
-    add_adapter(model, BitFitConfig(target_modules=["v_proj"]))
+    add_adapter(model, BitFitConfig(target_modules=["v_proj"], add_missing_biases=True))
     perturb_trainable(model)
     with pytest.raises(AdapterError, match="has no bias.*merge_adds_bias: true"):
         merge_adapters(model)
@@ -63,7 +64,7 @@ def test_merge_into_a_layer_without_bias_refuses_and_leaves_the_base_alone():
 
 def test_merge_adds_bias_when_allowed_and_unmerge_removes_it():
     model = tiny_llama()
-    add_adapter(model, BitFitConfig(target_modules=["v_proj"], merge_adds_bias=True))
+    add_adapter(model, BitFitConfig(target_modules=["v_proj"], add_missing_biases=True, merge_adds_bias=True))
     perturb_trainable(model)
     ids = sample_ids()
     expected = logits(model, ids)
@@ -74,3 +75,20 @@ def test_merge_adds_bias_when_allowed_and_unmerge_removes_it():
     unmerge_adapters(model)
     assert layer.base_layer.bias is None
     torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_default_trains_existing_biases_only_and_refuses_bias_free_layers():
+    with pytest.raises(AdapterError, match=r"'model\.layers\.0\.self_attn\.q_proj' \(Linear\) has no bias.*"
+                                           r"add_missing_biases: true"):
+        add_adapter(tiny_llama(), BitFitConfig())
+    model = tiny_gpt2()
+    wrapped = add_adapter(model, BitFitConfig())
+    assert wrapped and all(model.get_submodule(name).base_layer.bias is not None for name in wrapped)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == sum(model.get_submodule(name).base_layer.bias.numel() for name in wrapped)
+
+
+def test_registry_description_says_what_happens_without_biases():
+    from tuneforge.adapters.registry import get_method
+
+    assert "add_missing_biases" in get_method("bitfit").description

@@ -1,4 +1,5 @@
-"""Hydra: parallel plus sequential low-rank branches against the naive formula, merged and stacked."""
+"""Hydra: parallel plus sequential low-rank branches against the naive formula (the sequential branch
+sees the pretrained output with its bias, as in the official code), merged and stacked."""
 
 from __future__ import annotations
 
@@ -18,17 +19,27 @@ def logits(model, ids):
 
 
 def naive_output(x, weight_out_in, bias, adapter):
-    """W x + b + s B_p A_p x + s B_s A_s (W x), term by term."""
+    """W x + b + s B_p A_p x + s B_s A_s (W x + b), term by term."""
     s = adapter.scaling
-    base = x @ weight_out_in.T
+    pretrained = x @ weight_out_in.T + (0 if bias is None else bias)
     parallel = (x @ adapter.lora_A.T) @ adapter.lora_B.T
-    sequential = (base @ adapter.seq_A.T) @ adapter.seq_B.T
-    return base + (0 if bias is None else bias) + s * parallel + s * sequential
+    sequential = (pretrained @ adapter.seq_A.T) @ adapter.seq_B.T
+    return pretrained + s * parallel + s * sequential
+
+
+def with_random_biases(model):
+    """GPT-2 initialises its biases to zero, which would hide how the bias is treated."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    return model
 
 
 def test_layer_output_matches_the_formula_on_linear_and_conv1d():
     for make_model, targets, transposed in ((tiny_llama, ["q_proj"], False), (tiny_gpt2, ["c_attn"], True)):
-        model = make_model()
+        model = with_random_biases(make_model())
         add_adapter(model, HydraConfig(r=4, alpha=8, target_modules=targets))
         perturb_trainable(model, scale=0.3)
         name, layer = next(iter(wrapped_layers(model)))
@@ -63,3 +74,23 @@ def test_stacked_hydra_adapters_merge_and_unmerge_in_order():
     for (name, layer) in wrapped_layers(model):
         original = base.get_submodule(name).weight
         torch.testing.assert_close(layer.base_layer.weight, original, atol=1e-5, rtol=0)
+
+
+def test_merging_into_a_layer_with_bias_changes_the_bias_and_unmerge_restores_it():
+    base = with_random_biases(tiny_gpt2())
+    model = copy.deepcopy(base)
+    add_adapter(model, HydraConfig(r=4, target_modules=["c_fc"]))
+    perturb_trainable(model, scale=0.2)
+    layer = model.transformer.h[0].mlp.c_fc
+    adapter, original_bias = layer.adapters["default"], base.transformer.h[0].mlp.c_fc.bias
+    assert original_bias.abs().max() > 0, "the check needs a non-zero bias"
+    ids = sample_ids()
+    expected = logits(model, ids)
+    merge_adapters(model, safe=True)
+    with torch.no_grad():
+        sequential_on_bias = adapter.scaling * adapter.seq_B @ (adapter.seq_A @ original_bias)
+    torch.testing.assert_close(layer.base_layer.bias, original_bias + sequential_on_bias, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=1e-4)
+    unmerge_adapters(model)
+    torch.testing.assert_close(layer.base_layer.bias, original_bias, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits(model, ids), expected, atol=1e-5, rtol=1e-4)

@@ -70,6 +70,25 @@ def input_grams(base, module_names, calibration):
     return {name: grams[name] / counts[name] for name in module_names}
 
 
+def input_covariances(base, module_names, calibration):
+    """Naive reference: the covariance of each module's inputs over all tokens (centred), in float64."""
+    rows = {name: [] for name in module_names}
+    handles = [base.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: rows[name].append(args[0].detach().reshape(-1, args[0].shape[-1])))
+        for name in module_names]
+    with torch.no_grad():
+        for batch in calibration:
+            base(batch["input_ids"])
+    for handle in handles:
+        handle.remove()
+    covariances = {}
+    for name in module_names:
+        inputs = torch.cat(rows[name]).double().numpy()
+        centred = inputs - inputs.mean(0)
+        covariances[name] = centred.T @ centred / len(inputs)
+    return covariances
+
+
 def assert_rows_match_up_to_sign(actual: np.ndarray, expected: np.ndarray, atol: float):
     for row, reference in zip(actual, expected):
         sign = 1.0 if row @ reference >= 0 else -1.0
@@ -275,33 +294,37 @@ def test_lora_ga_factors_follow_the_gradient_svd():
     torch.testing.assert_close(logits(model, ids), logits(base, ids), atol=1e-5, rtol=0)
 
 
-def test_eva_takes_top_input_directions_and_keeps_the_rank_budget():
+def test_eva_takes_top_directions_of_the_centred_inputs_and_keeps_the_rank_budget():
     targets = ["q_proj", "v_proj", "up_proj"]
-    base, model = adapted(r=4, init="eva", eva_rho=2.0, target_modules=targets)
+    base, model = adapted(r=4, alpha=8, init="eva", eva_rho=2.0, target_modules=targets)
     calibration = batches()
     initialize_lora(model, "default", calibration)
     layers = dict(wrapped_layers(model))
-    grams = input_grams(base, list(layers), calibration)
+    covariances = input_covariances(base, list(layers), calibration)
     ranks = {name: layer.adapters["default"].r for name, layer in layers.items()}
-    assert sum(ranks.values()) == 4 * len(layers) and max(ranks.values()) <= 8 and min(ranks.values()) >= 1
+    assert sum(ranks.values()) == 4 * 6 and max(ranks.values()) <= 8, "six target layers share a budget of 6 r"
     config = model.tuneforge_adapters.configs["default"]
     assert {name: config.rank_for(name) for name in layers} == ranks
     for name, layer in layers.items():
         adapter = layer.adapters["default"]
-        eigenvalues, vectors = np.linalg.eigh(grams[name])
+        eigenvalues, vectors = np.linalg.eigh(covariances[name])
         top = vectors[:, ::-1][:, : adapter.r].T
         assert_rows_match_up_to_sign(adapter.lora_A.detach().double().numpy(), top, atol=1e-4)
         assert not adapter.lora_B.any()
-        assert adapter.scaling == pytest.approx(config.alpha / adapter.r)
+        assert adapter.scaling == pytest.approx(8 / 4), "a redistributed layer keeps the scale alpha / r"
+        assert config.alpha_for(name) / config.rank_for(name) == pytest.approx(8 / 4)
     ids = sample_ids()
     torch.testing.assert_close(logits(model, ids), logits(base, ids), atol=0, rtol=0)
 
 
-def test_eva_rank_allocation_against_a_hand_worked_example():
+def test_eva_rank_allocation_against_hand_worked_examples():
     ratios = {"a": torch.tensor([0.5, 0.3, 0.1, 0.05]), "b": torch.tensor([0.9, 0.05]),
               "c": torch.tensor([0.4, 0.35, 0.2, 0.01])}
-    # budget 6: each keeps its first; the next three largest are a:0.3, c:0.35, c:0.2
+    # budget 6, the six largest ratios: b:0.9, a:0.5, c:0.4, c:0.35, a:0.3, c:0.2
     assert allocate_ranks(ratios, {"a": 2, "b": 2, "c": 2}) == {"a": 2, "b": 1, "c": 3}
+    # budget 3: a:0.6, c:0.5, c:0.4; b has nothing in the top 3 and gets rank 0 (as in peft)
+    ratios = {"a": torch.tensor([0.6, 0.3]), "b": torch.tensor([0.2, 0.1]), "c": torch.tensor([0.5, 0.4])}
+    assert allocate_ranks(ratios, {"a": 1, "b": 1, "c": 1}) == {"a": 1, "b": 0, "c": 2}
 
 
 def test_eva_with_rho_one_keeps_every_rank_and_reloads_without_data(tmp_path):

@@ -1,15 +1,15 @@
 """LoRA initialisations against the `peft` package as an oracle.
 
 Compared with peft: PiSSA and OLoRA factors (up to the sign of each component) and the residual
-they leave, CorDA's residual (both modes), LoRA-GA's full-weight gradient; files both ways
+they leave, CorDA's residual (both modes), LoRA-GA's full-weight gradient, EVA's rank redistribution
+(rank 0 included), scales and components (peft's incremental randomized PCA stops at cosine
+similarity tau = 0.99 to the exact components we compute, so components are compared to that
+tolerance, on one calibration batch that peft repeats until it converges); files both ways
 (peft re-derives the PiSSA/OLoRA residual on load, as we do); and the rank-2r plain-LoRA export of
 every residual init loading in peft on the *unmodified* base.
 
 Not compared, with the reason:
 - LoftQ: peft's ``loftq_init`` needs bitsandbytes with CUDA (not installed; no GPU in CI).
-- EVA: peft runs incremental PCA on *centred* activations with early stopping by cosine similarity,
-  ours uses the uncentred Gram matrix of the inputs (their right singular vectors); the factors differ
-  by design, so EVA is checked against a naive reference in test_lora_inits.py instead.
 - LoRA-GA factors: peft's scale multiplies B by the gradient's singular values (all its scale
   options do); we follow the paper's stable scale d_out^(1/4)/sqrt(gamma) on singular vectors
   only. The gradient both start from is compared.
@@ -246,4 +246,35 @@ def test_eva_adapter_with_redistributed_ranks_loads_in_peft(tmp_path):
     expected = logits(model, ids)
     assert (expected - logits(base, ids)).abs().max() > 1e-3
     diff = (logits(loaded, ids) - expected).abs().max().item()
+    assert diff <= 1e-5, f"peft's logits differ by {diff}"
+
+
+def test_eva_rank_redistribution_scales_and_components_match_peft_including_rank_zero(tmp_path):
+    from peft.tuners.lora.eva import initialize_lora_eva_weights
+
+    targets = ["q_proj", "o_proj", "down_proj"]  # distinct inputs: no ties between layers sharing one
+    batch = {"input_ids": sample_ids(2, 40, seed=20), "attention_mask": torch.ones(2, 40, dtype=torch.long)}
+    base, model = ours(tiny_llama, r=2, alpha=4, init="eva", target_modules=targets)
+    initialize_lora(model, "default", [batch])
+    reference = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=targets, init_lora_weights="eva", eva_config=peft.EvaConfig(rho=2.0)))
+    initialize_lora_eva_weights(reference, [batch], show_progress_bar=False)
+    theirs_layers = peft_layers(reference)
+    ours_layers = {name: layer.adapters["default"] for name, layer in wrapped_layers(model)}
+    all_targets = {name for name, _ in base.named_modules() if name.rsplit(".", 1)[-1] in targets}
+    assert set(ours_layers) < all_targets, "this calibration should leave some layer with rank 0"
+    assert {name: a.r for name, a in ours_layers.items()} == {name: m.r["default"] for name, m in theirs_layers.items()}
+    for name, adapter in ours_layers.items():
+        theirs_layer = theirs_layers[name]
+        assert adapter.scaling == pytest.approx(theirs_layer.scaling["default"]), name
+        mine, their_a = adapter.lora_A.detach(), theirs_layer.lora_A["default"].weight.detach()
+        cosine = (mine * their_a).sum(1) / (mine.norm(dim=1) * their_a.norm(dim=1))
+        assert cosine.abs().min() >= 0.99, f"{name}: components differ from peft's (|cos| {cosine.abs().tolist()})"
+    # The saved file rebuilds the same structure (rank-0 layers excluded) in peft.
+    perturb_trainable(model)
+    save_adapter(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert set(peft_layers(loaded)) == set(ours_layers)
+    ids = sample_ids()
+    diff = (logits(loaded, ids) - logits(model, ids)).abs().max().item()
     assert diff <= 1e-5, f"peft's logits differ by {diff}"

@@ -1,10 +1,18 @@
-"""BitFit (Ben Zaken et al. 2022): train only bias terms.
+"""BitFit (Ben Zaken et al. 2022, "BitFit: Simple Parameter-efficient Fine-tuning for
+Transformer-based Masked Language-models"): train only the model's existing bias terms.
 
-Each target layer gets a trainable bias delta (zeros at init), so ``out + Δb``; layers without a
-bias get one this way too. Only the delta vectors are saved. Merging adds Δb to the layer's bias;
-a layer that has no bias refuses to merge unless ``merge_adds_bias: true``, because merging would
-then add a ``bias`` tensor the base checkpoint does not have (a model saved afterwards has extra
-keys, which some loaders reject).
+The paper freezes every weight matrix and trains the bias terms: for a target layer ``h = W x + b``,
+b trains and W stays frozen. We keep b frozen too and train a delta, ``h = W x + (b + Δb)`` with
+Δb = 0 at init, which is the same function with the same gradient, so the base stays untouched and
+only the Δb vectors are saved. Merging adds Δb to the layer's bias. The paper's LayerNorm biases are
+not targeted here (``ln-tuning`` trains norm parameters).
+
+As published, BitFit only has biases to train where the model has them. On a model whose linear
+layers have no bias (Llama, Mistral, Qwen2's o_proj and MLP, ...) a target without a bias is an
+error naming the layer, never a silent run with nothing to train. ``add_missing_biases: true`` is a
+departure from the paper: it gives such layers a new trainable bias (zeros at init). Merging one of
+those refuses unless ``merge_adds_bias: true``, because merging then adds a ``bias`` tensor the base
+checkpoint does not have (a model saved afterwards has extra keys, which some loaders reject).
 """
 
 from __future__ import annotations
@@ -23,10 +31,13 @@ from tuneforge.errors import AdapterError
 class BitFitConfig(AdapterConfig):
     """Bias deltas on the target layers (default: every Linear/Conv1D except the output head).
 
+    add_missing_biases: give target layers that have no bias a new trainable one (not in the paper;
+    default: such a target is an error, since it has no bias to train).
     merge_adds_bias: when a target layer has no bias, merging creates one holding Δb (default: refuse).
     """
 
     method: Literal["bitfit"] = "bitfit"
+    add_missing_biases: bool = False
     merge_adds_bias: bool = False
 
 
@@ -73,5 +84,12 @@ class BitFitLayer(LayerAdapter):
 def build_bitfit(base_layer: nn.Module, config: BitFitConfig, module_name: str) -> LayerAdapter:
     if isinstance(base_layer, nn.Embedding):
         raise AdapterError(f"bitfit: '{module_name}' is an Embedding, which has no bias; exclude it")
+    if getattr(base_layer, "bias", None) is None and not config.add_missing_biases:
+        raise AdapterError(
+            f"bitfit: '{module_name}' ({type(base_layer).__name__}) has no bias, and BitFit as published trains "
+            "only the biases a model already has (models such as Llama have no linear biases at all). Target "
+            "layers that have a bias (adapter.target_modules), or set adapter.add_missing_biases: true to give "
+            "bias-free layers a new trainable bias."
+        )
     _, out_features = weight_shape(base_layer)
     return BitFitLayer(out_features, config.merge_adds_bias, module_name)

@@ -1,13 +1,16 @@
 """Hydra (Kim et al. 2024, "Hydra: Multi-head Low-rank Adaptation for Parameter Efficient Fine-tuning").
 
-A parallel LoRA branch on the layer input plus a sequential branch on the pretrained features::
+A parallel LoRA branch on the layer input plus a sequential branch on the pretrained features
+(the paper's Eq. for the Hydra layer, h = W x + B_p A_p x + B_s A_s W x, with LoRA's scale s)::
 
-    h = W x + b + s · B_p A_p x + s · B_s A_s (W x)        s = alpha / r
+    h = W x + b + s · B_p A_p x + s · B_s A_s (W x + b)        s = alpha / r
 
-The sequential branch is a low-rank linear combination of the base layer's output features (bias
-excluded). Both B's start at zero, so the layer is unchanged at init. Merged::
+The sequential branch is a low-rank linear combination of the base layer's full output. The paper
+writes bias-free layers; for a layer with a bias we follow the official code, whose sequential branch
+takes the pretrained layer's output as it is, bias included. Both B's start at zero, so the layer is
+unchanged at init. Merged, the weight and the bias both change::
 
-    W' = W + s · B_p A_p + s · B_s A_s W = (I + s B_s A_s) W + s B_p A_p
+    W' = (I + s B_s A_s) W + s B_p A_p,        b' = (I + s B_s A_s) b
 
 Unmerging inverts I + s B_s A_s with the Woodbury identity (an r×r solve, in float64), so no copy of W
 is kept; the rounding of the merged float32 weights is amplified by the condition number of I + s B_s A_s,
@@ -29,6 +32,7 @@ from torch import nn
 from tuneforge.adapters.config import AdapterConfig
 from tuneforge.adapters.layer import LayerAdapter
 from tuneforge.adapters.lora import check_rank, is_transposed, refuse_quantized_merge, weight_shape
+from tuneforge.errors import AdapterError
 
 
 class HydraConfig(AdapterConfig):
@@ -54,8 +58,7 @@ class HydraLinear(LayerAdapter):
 
     def transform_output(self, x, out, base_layer):
         dtype = self.lora_A.dtype
-        bias = getattr(base_layer, "bias", None)
-        features = (out - bias if bias is not None else out).to(dtype)  # W x (+ earlier adapters)
+        features = out.to(dtype)  # W x + b (+ earlier adapters): the pretrained features, bias included
         parallel = F.linear(F.linear(self.dropout(x).to(dtype), self.lora_A), self.lora_B)
         sequential = F.linear(F.linear(features, self.seq_A), self.seq_B)
         return out + ((parallel + sequential) * self.scaling).to(out.dtype)
@@ -65,20 +68,41 @@ class HydraLinear(LayerAdapter):
         delta = (self.lora_B @ self.lora_A + self.seq_B @ (self.seq_A @ weight)) * self.scaling  # (out, in)
         return delta.T if self.transposed else delta
 
+    def bias_delta(self, base_layer) -> torch.Tensor | None:
+        """Δb = s B_s A_s b: the sequential branch applied to the base bias (None without a bias)."""
+        bias = getattr(base_layer, "bias", None)
+        if bias is None:
+            return None
+        return self.seq_B @ (self.seq_A @ bias.detach().to(self.seq_A.dtype)) * self.scaling  # (out,)
+
     def merge(self, base_layer, safe):
         refuse_quantized_merge(base_layer)
+        bias_delta = self.bias_delta(base_layer)
+        if safe and bias_delta is not None and not torch.isfinite(bias_delta).all():
+            raise AdapterError("safe merge refused: merging HydraLinear would put NaN/Inf into the base bias; "
+                               "the base model is unchanged. Check the adapter for diverged values.")
         super().merge(base_layer, safe)
+        if bias_delta is not None:
+            base_layer.bias.data += bias_delta.to(base_layer.bias.dtype)
 
     def unmerge(self, base_layer):
-        """W = (I + U V)⁻¹ (W' − s B_p A_p) with U = s B_s, V = A_s; (I + UV)⁻¹ = I − U (I_r + V U)⁻¹ V."""
+        """W = (I + U V)⁻¹ (W' − s B_p A_p) and b = (I + U V)⁻¹ b', with U = s B_s, V = A_s and
+        (I + U V)⁻¹ = I − U (I_r + V U)⁻¹ V (Woodbury)."""
         # In float64: I + U V can be poorly conditioned, and the error lands in the base weights.
         merged = _out_in(base_layer).double()
         rest = merged - self.lora_B.double() @ self.lora_A.double() * self.scaling  # (I + U V) W
-        u, v = self.seq_B.double() * self.scaling, self.seq_A.double()
-        small = torch.eye(v.shape[0], device=v.device, dtype=v.dtype) + v @ u  # (r, r)
-        original = rest - u @ torch.linalg.solve(small, v @ rest)
+        original = self._undo_sequential(rest)
         weight = base_layer.weight
         weight.data.copy_((original.T if self.transposed else original).to(weight.dtype))
+        bias = getattr(base_layer, "bias", None)
+        if bias is not None:
+            bias.data.copy_(self._undo_sequential(bias.detach().double()[:, None])[:, 0].to(bias.dtype))
+
+    def _undo_sequential(self, merged: torch.Tensor) -> torch.Tensor:
+        """(I + U V)⁻¹ M for M (out, k), in float64."""
+        u, v = self.seq_B.double() * self.scaling, self.seq_A.double()
+        small = torch.eye(v.shape[0], device=v.device, dtype=v.dtype) + v @ u  # (r, r)
+        return merged - u @ torch.linalg.solve(small, v @ merged)
 
     def file_tensors(self):
         return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B,

@@ -149,7 +149,8 @@ register_method(MethodSpec(
 ))
 register_method(MethodSpec(
     name="bitfit", config_class=BitFitConfig, supported_layers=linear_layer_types, build=build_bitfit,
-    description="BitFit: trainable bias deltas on the target layers",
+    description="BitFit: trains the target layers' existing biases; a bias-free target (e.g. any Llama linear) is "
+                "an error unless add_missing_biases: true adds new biases",
 ))
 register_method(MethodSpec(
     name="bottleneck", config_class=BottleneckConfig, supported_layers=lambda: (nn.Module,), build=build_bottleneck,
@@ -161,7 +162,9 @@ register_method(MethodSpec(
 ))
 register_method(MethodSpec(
     name="sparse-ft", config_class=SparseFTConfig, supported_layers=linear_layer_types, build=build_sparse_ft,
-    hooks=sparse_ft_hooks, description="sparse finetuning: dense delta projected to a target density (diff pruning)",
+    hooks=sparse_ft_hooks,
+    description="diff pruning: hard-concrete L0 gates on a weight delta (or magnitude-projection), projected to "
+                "target_density, then the kept entries retrain on the fixed mask",
 ))
 register_method(MethodSpec(
     name="layer-select", config_class=LayerSelectConfig, supported_layers=linear_layer_types,
@@ -175,7 +178,7 @@ register_method(MethodSpec(
 ))
 # --- end section: scaling, selective, bottleneck, sparse ---
 
-# --- section: orthogonal and mixtures (OFT, BOFT, ETHER, HRA, MoLE, router) ---
+# --- section: orthogonal and mixtures (OFT, BOFT, ETHER, HRA, MixLoRA, LoRA router) ---
 from tuneforge.adapters.oft import OftConfig, build_oft  # noqa: E402
 
 register_method(MethodSpec(
@@ -217,15 +220,25 @@ register_method(MethodSpec(
     description="ETHER (block Householder reflection of the output side) and ETHER+ (relaxed, both sides)",
 ))
 
+from tuneforge.adapters.mixlora import MixLoraConfig, build_mixlora, mixlora_hooks  # noqa: E402
 from tuneforge.adapters.mole import MoleConfig, build_mole, mole_hooks  # noqa: E402
 
+register_method(MethodSpec(
+    name="mixlora",
+    config_class=MixLoraConfig,
+    supported_layers=lambda: (nn.Module,),
+    build=build_mixlora,
+    hooks=mixlora_hooks,
+    description="MixLoRA: one top-k router per FFN block over LoRA'd FFN experts, load-balancing loss (not mergeable)",
+))
 register_method(MethodSpec(
     name="mole",
     config_class=MoleConfig,
     supported_layers=linear_layer_types,
     build=build_mole,
     hooks=mole_hooks,
-    description="MoLE / MixLoRA: top-k routed LoRA experts on the FFN projections, load-balancing loss (not mergeable)",
+    description="MoLE-style routers over fixed, already-trained LoRAs (built by merge.lora_router.add_lora_router); "
+                "trainable experts are refused: that method is now mixlora",
 ))
 # --- end section: orthogonal and mixtures ---
 

@@ -1,24 +1,25 @@
-"""MoLE / MixLoRA: a mixture of LoRA experts with a learned top-k router per FFN projection.
+"""Learned routers over already-trained LoRAs, one per adapted projection: the setting of MoLE (Wu et
+al. 2024, "Mixture of LoRA Experts", gating learned over trained LoRAs while they stay frozen) with the
+per-token top-k gate of MeteoRA (Xu et al. 2024), which routes inside every LoRA'd linear layer.
 
-Each targeted projection (by default Llama's ``gate_proj``, ``up_proj``, ``down_proj``) holds
-``num_experts`` LoRA experts and a linear router over its input. Every token picks its top-k
-experts and mixes them with a softmax over the selected logits (LLaVA-MoLE uses k = 1,
-MixLoRA k = 2)::
+Build it with ``tuneforge.merge.lora_router.add_lora_router``, which fills the experts from LoRA files
+and leaves only the routers trainable. Each targeted projection holds ``num_experts`` fixed experts
+(A_e, B_e; each LoRA's scaling is folded into its B) and a linear router R over its input; every token
+picks its top-k experts and mixes them with a softmax over the selected logits::
 
     g(x) = softmax over the top-k of (R x),     h = W x + s · Σ_{e ∈ top-k(x)} g_e(x) B_e A_e x
 
 (for k = 1, g is the full softmax probability of the chosen expert, as in the Switch Transformer:
-a softmax over a single logit is always 1 and would give the router no gradient.)
+a softmax over a single logit is always 1 and would give the router no gradient). MoLE's own gate is
+a dense softmax over all the LoRAs of a layer; the top-k gate here is MeteoRA's. A Switch-Transformer
+load-balancing loss keeps the experts in use (see ``mixlora.LoadBalancing``). The routing depends on
+the input, so the adapter cannot be merged into the weights.
 
-B_e starts at zero, so the layer is the base layer at init. A Switch-Transformer load-balancing
-loss keeps the experts in use: with f_e the fraction of (token, slot) assignments that go to
-expert e and P_e the mean router probability of e (softmax over all experts),
-
-    aux = E · Σ_e f_e P_e     (1 when routing is uniform)
-
-averaged over layers and added with ``aux_loss_weight`` through ``TrainingHooks.extra_loss``.
-All tokens of the batch count, padding included (the layer does not see the attention mask).
-The routing depends on the input, so the adapter cannot be merged into the weights.
+This was also the ``mole`` *training* method, with trainable experts routed independently in each
+projection (so one token could mix different experts in gate, up and down). That is neither MoLE nor
+MixLoRA, so ``method: mole`` with trainable experts is refused with a pointer to ``method: mixlora``
+(one router per FFN block, each expert a LoRA'd FFN; ``adapters/mixlora.py``). Until
+``add_lora_router`` fills them, the fixed experts are random placeholders.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tuneforge.adapters.config import AdapterConfig, TargetSpec
 from tuneforge.adapters.hooks import TrainingHooks
 from tuneforge.adapters.layer import LayerAdapter
 from tuneforge.adapters.lora import check_rank, lora_scaling, weight_shape
+from tuneforge.adapters.mixlora import LoadBalancing
 from tuneforge.errors import AdapterError
 
 
@@ -47,12 +49,20 @@ class MoleConfig(AdapterConfig):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     aux_loss_weight: float = Field(0.01, ge=0.0)
-    # False: the experts are fixed (buffers) and only the routers train, as when routing over
-    # existing LoRAs (MeteoRA; see lora_router.add_lora_router).
+    # Must be False: the experts are fixed (buffers) and only the routers train. True was the old
+    # trainable-experts method, now mixlora; it is refused below with a pointer there.
     train_experts: bool = True
 
     @model_validator(mode="after")
-    def _top_k_within_experts(self):
+    def _fixed_experts_and_top_k(self):
+        if self.train_experts:
+            raise ValueError(
+                "method: mole no longer trains LoRA experts: it routed each projection on its own, so one token "
+                "could mix different experts in gate, up and down, which is neither MoLE nor MixLoRA. Use "
+                "method: mixlora (one top-k router per FFN block, each expert a LoRA'd FFN; target_modules: "
+                "['mlp']). To learn routers over LoRAs you already trained (MoLE), use "
+                "tuneforge.merge.lora_router.add_lora_router."
+            )
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k={self.top_k} exceeds num_experts={self.num_experts}: a token cannot pick more experts "
@@ -72,16 +82,14 @@ class MoleLinear(LayerAdapter):
         self.record_routing = config.aux_loss_weight > 0
         self.scaling = lora_scaling(config.alpha, r, use_rslora=False)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # Fixed experts: random placeholders until add_lora_router copies the trained LoRAs in.
         down = torch.empty(experts, r, in_features)  # (E, r, in)
-        for a in down:
+        up = torch.empty(experts, out_features, r)  # (E, out, r)
+        for a, b in zip(down, up):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        up = torch.zeros(experts, out_features, r)  # (E, out, r)
-        self.train_experts = config.train_experts
-        if config.train_experts:
-            self.mole_A, self.mole_B = nn.Parameter(down), nn.Parameter(up)
-        else:
-            self.register_buffer("mole_A", down)
-            self.register_buffer("mole_B", up)
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        self.register_buffer("mole_A", down)
+        self.register_buffer("mole_B", up)
         self.mole_router = nn.Parameter(torch.empty(experts, in_features))  # (E, in)
         nn.init.kaiming_uniform_(self.mole_router, a=math.sqrt(5))
         self.routing_stats: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -136,24 +144,7 @@ class MoleLinear(LayerAdapter):
         return {"mole_A": self.mole_A, "mole_B": self.mole_B, "mole_router": self.mole_router}
 
     def parameter_roles(self):
-        if not self.train_experts:
-            return {"router": [self.mole_router]}
-        return {"lora_A": [self.mole_A], "lora_B": [self.mole_B], "router": [self.mole_router]}
-
-
-class LoadBalancing(TrainingHooks):
-    """aux_loss_weight · (mean over layers of E · Σ_e f_e P_e), from each layer's last forward pass."""
-
-    def __init__(self, adapter_name: str, weight: float):
-        self.adapter_name = adapter_name
-        self.weight = weight
-
-    def extra_loss(self, model):
-        from tuneforge.adapters.model import wrapped_layers
-
-        losses = [loss for _, layer in wrapped_layers(model) if self.adapter_name in layer.adapters
-                  and (loss := layer.adapters[self.adapter_name].load_balancing_loss()) is not None]
-        return self.weight * torch.stack(losses).mean() if losses else None
+        return {"router": [self.mole_router]}
 
 
 def mole_hooks(model: nn.Module, adapter_name: str, config: MoleConfig) -> TrainingHooks | None:
@@ -162,7 +153,7 @@ def mole_hooks(model: nn.Module, adapter_name: str, config: MoleConfig) -> Train
 
 def build_mole(base_layer: nn.Module, config: MoleConfig, module_name: str) -> LayerAdapter:
     if isinstance(base_layer, nn.Embedding):
-        raise AdapterError(f"MoLE on the Embedding '{module_name}' is not supported; target the FFN projections")
+        raise AdapterError(f"LoRA routing on the Embedding '{module_name}' is not supported; target the FFN projections")
     in_features, out_features = weight_shape(base_layer)
     check_rank(config.r, in_features, out_features, module_name)
     return MoleLinear(in_features, out_features, config)

@@ -12,9 +12,12 @@ evolution strategy with a step size that grows after a success and shrinks after
 1/5-rule family; LoraHub uses CMA-ES from nevergrad). It starts from the uniform weights 1/n and
 keeps the best point seen, so it never ends worse than uniform on the examples it was given.
 
-``add_lora_router`` is the per-token alternative (MeteoRA, Xu et al. 2024): the LoRAs become the
-fixed experts of a MoLE adapter (``adapters.mole``) and only its top-k routers are trained, so
-each token picks the LoRAs it needs.
+``add_lora_router`` is the per-token alternative: learned gating over LoRAs that are already trained,
+which is MoLE's setting (Wu et al. 2024, "Mixture of LoRA Experts"). The LoRAs become the fixed experts
+of a ``mole`` adapter (``adapters.mole``) and only its routers train, so each token picks the LoRAs it
+needs. The gate is MeteoRA's (Xu et al. 2024): a top-k softmax router in every adapted projection,
+where MoLE's is a dense softmax over all of a layer's LoRAs. Training new LoRA experts together with a
+router is a different method, MixLoRA (``adapters.mixlora``).
 """
 
 from __future__ import annotations
@@ -132,7 +135,8 @@ def _check_search(adapter_dirs, batches, steps, population, bounds, step_size, l
 
 def add_lora_router(model: nn.Module, adapter_dirs: Sequence[str | Path | LoraAdapter], name: str = "router", *,
                     top_k: int = 1, aux_loss_weight: float = 0.01) -> MoleConfig:
-    """Add a MoLE adapter ``name`` whose experts are the given LoRAs (fixed) and whose routers train.
+    """Add a router adapter ``name`` (MoLE-style gating, ``method: mole``) whose experts are the given,
+    already-trained LoRAs (fixed) and whose top-k routers train.
 
     The LoRAs must adapt the same modules of this model; ranks may differ (smaller ones are padded
     with zeros) and each LoRA's scaling is folded into its B. The adapter is left trainable.

@@ -1,6 +1,7 @@
 """Calibration for the data-driven inits: look at a few batches, then set A and B.
 
-CorDA and EVA need the covariance (Gram matrix) of each target layer's inputs, LoRA-GA the gradient
+CorDA needs the second moment (Gram matrix) of each target layer's inputs, EVA their covariance (the
+Gram matrix centred by the inputs' mean), LoRA-GA the gradient
 of the loss with respect to each target layer's full weight. Both are collected with the adapters
 disabled and the model in eval mode, so the statistics are those of the base model and the result
 is a pure function of (model, batches): a resumed run that re-runs the init gets the same start.
@@ -9,6 +10,7 @@ is a pure function of (model, batches): a resumed run that re-runs the init gets
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -17,7 +19,7 @@ from torch import nn
 from tuneforge.adapters.config import LoraConfig
 from tuneforge.adapters.hooks import Batch, LossFn
 from tuneforge.adapters.inits.corda import corda_factors
-from tuneforge.adapters.inits.eva import allocate_ranks, eva_components, rank_cap
+from tuneforge.adapters.inits.eva import allocate_ranks, centred, eva_components, rank_cap, scaled_alpha
 from tuneforge.adapters.inits.lora_ga import lora_ga_factors
 from tuneforge.adapters.inits.residual import InitialisedLoraLinear
 from tuneforge.adapters.layer import AdaptedLayer
@@ -50,7 +52,7 @@ def initialize_lora(model: nn.Module, adapter_name: str, batches: Iterable[Batch
         if config.init == "lora-ga":
             gradients = collect_weight_gradients(model, layers, batches, loss_fn or causal_lm_loss)
         else:
-            grams = collect_input_grams(model, layers, batches)
+            grams, means = collect_input_moments(model, layers, batches)
     if config.init == "corda":
         for name, layer in layers.items():
             adapter = layer.adapters[adapter_name]
@@ -63,7 +65,7 @@ def initialize_lora(model: nn.Module, adapter_name: str, batches: Iterable[Batch
             lora_A, lora_B = lora_ga_factors(gradients[name], adapter.r, config.lora_ga_gamma)
             adapter.start_from(lora_A, lora_B, residual=True)
     else:
-        _apply_eva(model, adapter_name, config, layers, grams)
+        _apply_eva(model, adapter_name, config, layers, {name: centred(grams[name], means[name]) for name in layers})
 
 
 def _lora_config(model: nn.Module, adapter_name: str) -> LoraConfig:
@@ -117,6 +119,13 @@ def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 def collect_input_grams(model: nn.Module, layers: dict[str, AdaptedLayer],
                         batches: list[Batch]) -> dict[str, torch.Tensor]:
     """Per layer, the mean of x xᵀ over the non-padding positions of ``batches``: (in, in) float32."""
+    return collect_input_moments(model, layers, batches)[0]
+
+
+def collect_input_moments(model: nn.Module, layers: dict[str, AdaptedLayer],
+                          batches: list[Batch]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per layer, the mean of x xᵀ (in, in) and the mean of x (in,) over the non-padding positions, float32."""
+    grams: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
     current_mask: list[torch.Tensor | None] = [None]
@@ -127,8 +136,9 @@ def collect_input_grams(model: nn.Module, layers: dict[str, AdaptedLayer],
             mask = current_mask[0]
             if mask is not None and mask.numel() == rows.shape[0]:
                 rows = rows[mask.reshape(-1).to(rows.device).bool()]
-            gram = rows.T @ rows
-            sums[name] = gram if name not in sums else sums[name] + gram
+            gram, total = rows.T @ rows, rows.sum(0)
+            grams[name] = gram if name not in grams else grams[name] + gram
+            sums[name] = total if name not in sums else sums[name] + total
             counts[name] += rows.shape[0]
         return record
 
@@ -141,7 +151,8 @@ def collect_input_grams(model: nn.Module, layers: dict[str, AdaptedLayer],
     finally:
         for handle in handles:
             handle.remove()
-    return {name: sums[name] / max(1, counts[name]) for name in layers}
+    return ({name: grams[name] / max(1, counts[name]) for name in layers},
+            {name: sums[name] / max(1, counts[name]) for name in layers})
 
 
 def collect_weight_gradients(model: nn.Module, layers: dict[str, AdaptedLayer], batches: list[Batch],
@@ -184,31 +195,61 @@ def _out_in(layer: AdaptedLayer, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_eva(model: nn.Module, adapter_name: str, config: LoraConfig, layers: dict[str, AdaptedLayer],
-               grams: dict[str, torch.Tensor]) -> None:
-    """A0 = top input directions, with ranks redistributed across layers; B0 = 0."""
+               covariances: dict[str, torch.Tensor]) -> None:
+    """A0 = top input directions, with ranks redistributed across layers (rank 0: the layer is left
+    unadapted); B0 = 0."""
     ratios, components, ranks = {}, {}, {}
     for name, layer in layers.items():
         adapter = layer.adapters[adapter_name]
-        in_features, out_features = adapter.lora_A.shape[1], adapter.lora_B.shape[0]
         ranks[name] = adapter.r
-        cap = rank_cap(adapter.r, config.eva_rho, in_features, out_features)
-        ratios[name], components[name] = eva_components(grams[name], cap)
+        cap = rank_cap(adapter.r, config.eva_rho, adapter.lora_A.shape[1])
+        ratios[name], components[name] = eva_components(covariances[name], cap)
     allocated = allocate_ranks(ratios, ranks)
+    alphas = {}
     for name, layer in layers.items():
+        if allocated[name] == 0:
+            _remove_from_layer(model, name, layer, adapter_name)
+            continue
         adapter = layer.adapters[adapter_name]
+        alphas[name] = config.alpha_for(name)
         if allocated[name] != adapter.r:
-            adapter = _resized(adapter, allocated[name], config, name)
+            alphas[name] = scaled_alpha(alphas[name], allocated[name], adapter.r)
+            adapter = _resized(adapter, allocated[name], alphas[name], config, name)
             layer.adapters[adapter_name] = adapter
         rows = components[name][: adapter.r]
         adapter.start_from(rows, torch.zeros(adapter.lora_B.shape[0], adapter.r), residual=False)
-    # Saving and reloading must rebuild the same shapes: record the new ranks, ahead of older patterns.
-    changed = {name: rank for name, rank in allocated.items() if rank != config.rank_for(name)}
-    adapter_book(model).configs[adapter_name] = config.model_copy(
-        update={"rank_pattern": {**changed, **{k: v for k, v in config.rank_pattern.items() if k not in changed}}})
+    # Saving and reloading must rebuild the same shapes: record the new ranks and scales (ahead of older
+    # patterns) and exclude the layers that ended with rank 0.
+    kept = [name for name in layers if allocated[name] > 0]
+    rank_changes = {name: allocated[name] for name in kept if allocated[name] != config.rank_for(name)}
+    alpha_changes = {name: alphas[name] for name in kept if alphas[name] != config.alpha_for(name)}
+    dropped = [name for name in layers if allocated[name] == 0]
+    adapter_book(model).configs[adapter_name] = config.model_copy(update={
+        "rank_pattern": {**rank_changes, **{k: v for k, v in config.rank_pattern.items() if k not in rank_changes}},
+        "alpha_pattern": {**alpha_changes, **{k: v for k, v in config.alpha_pattern.items() if k not in alpha_changes}},
+        "exclude_modules": _excluding(config.exclude_modules, dropped),
+    })
 
 
-def _resized(old: InitialisedLoraLinear, rank: int, config: LoraConfig, name: str) -> InitialisedLoraLinear:
-    new = InitialisedLoraLinear(old.lora_A.shape[1], old.lora_B.shape[0], rank, config.alpha_for(name),
+def _remove_from_layer(model: nn.Module, name: str, layer: AdaptedLayer, adapter_name: str) -> None:
+    """Take the adapter off one layer (EVA gave it rank 0); a wrapper left empty becomes the base layer."""
+    del layer.adapters[adapter_name]
+    if not layer.adapters:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base_layer)
+
+
+def _excluding(exclude_modules, names: list[str]):
+    """``exclude_modules`` extended by the full module ``names`` (a regex gets an alternation)."""
+    if not names:
+        return exclude_modules
+    if isinstance(exclude_modules, str):
+        return "|".join([f"(?:{exclude_modules})", *(re.escape(name) for name in names)])
+    return [*(exclude_modules or []), *names]
+
+
+def _resized(old: InitialisedLoraLinear, rank: int, alpha: float, config: LoraConfig, name: str) -> InitialisedLoraLinear:
+    new = InitialisedLoraLinear(old.lora_A.shape[1], old.lora_B.shape[0], rank, alpha,
                                 config.dropout, config.use_rslora, old.transposed, old.init, name)
     new = new.to(device=old.lora_A.device, dtype=old.lora_A.dtype).train(old.training)
     return new.requires_grad_(old.lora_A.requires_grad)
