@@ -170,11 +170,11 @@ def test_the_source_digest_is_the_method_files(bench):
 
 
 def fake_args(tmp_path, *extra):
-    return ["--model", "tiny", "--methods", "base,lora,ia3,bitfit,vera", "--steps", "2", "--device", "cpu",
+    return ["--model", "tiny", "--methods", "base,lora,ia3,bitfit-added-biases,vera", "--steps", "2", "--device", "cpu",
             "--output-dir", str(tmp_path / "docs"), "--work-dir", str(tmp_path / "work"), *extra]
 
 
-ACCURACIES = {"base": 0.0, "lora": 0.5, "ia3": 0.9, "bitfit": 0.2, "vera": 0.7}
+ACCURACIES = {"base": 0.0, "lora": 0.5, "ia3": 0.9, "bitfit-added-biases": 0.2, "vera": 0.7}
 
 
 def test_the_second_seed_goes_to_the_top_rows_and_lora(bench, tmp_path, monkeypatch):
@@ -192,7 +192,7 @@ def test_limit_stops_the_run_and_the_next_run_continues(bench, tmp_path, monkeyp
     summaries = bench.main(fake_args(tmp_path, "--limit", "2"))
     assert [s.status for s in summaries] == ["ok", "ok", "pending", "pending", "pending"]
     markdown = (tmp_path / "docs" / "method_comparison.md").read_text()
-    assert "| bitfit | pending |" in markdown
+    assert "| bitfit-added-biases | pending |" in markdown
     bench.main(fake_args(tmp_path, "--limit", "2"))  # pass 2 must wait: vera has no seed-0 result yet
     assert sorted(line["row"]["seed"] for line in results_lines(tmp_path / "docs")) == [0, 0, 0, 0]
     summaries = bench.main(fake_args(tmp_path, "--top", "2"))
