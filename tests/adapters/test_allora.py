@@ -142,3 +142,27 @@ def test_no_scaling_no_dropout_and_peft_loads_it_as_lora(tmp_path):
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
     diff = (logits(theirs, ids) - expected).abs().max().item()
     assert diff <= 1e-5, f"peft's logits differ by {diff}"
+
+
+def test_the_training_loop_takes_eta_times_larger_first_steps_on_B(tmp_path):
+    from tiny_models import tiny_chat_model_and_tokenizer
+
+    from tuneforge.config import parse_train_config
+    from tuneforge.train import train
+
+    model, tokenizer = tiny_chat_model_and_tokenizer()
+    lr = 1e-3
+    config = parse_train_config({
+        "output_dir": str(tmp_path / "run"),
+        "adapter": {"method": "allora", "r": 4, "eta": 4.0, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train": "arithmetic", "options": {"size": 8}, "max_seq_len": 192, "eval_size": 0},
+        "training": {"max_steps": 1, "batch_size": 4, "lr": lr, "seed": 3, "scheduler": "constant",
+                     "warmup_steps": 0},
+    })
+    train(config, model_and_tokenizer=(model, tokenizer))
+    for adapter in adapters(model):
+        # B started at zero (coefficient eta for every row): Adam's first step is lr·sign(g), times eta.
+        steps = adapter.lora_B.detach().abs().flatten()
+        moved = steps[steps > 0]
+        assert moved.numel() > 0.9 * steps.numel()
+        torch.testing.assert_close(moved.median(), torch.tensor(4.0 * lr), atol=0, rtol=1e-3)
