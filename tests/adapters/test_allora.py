@@ -166,3 +166,33 @@ def test_the_training_loop_takes_eta_times_larger_first_steps_on_B(tmp_path):
         moved = steps[steps > 0]
         assert moved.numel() > 0.9 * steps.numel()
         torch.testing.assert_close(moved.median(), torch.tensor(4.0 * lr), atol=0, rtol=1e-3)
+
+
+def test_a_resumed_run_keeps_the_per_row_learning_rate(tmp_path):
+    """The step multipliers live on the optimizer object, so a resumed run must get them again."""
+    import pytest
+    from tiny_models import tiny_chat_model_and_tokenizer
+
+    from tuneforge.config import parse_train_config
+    from tuneforge.train import train
+
+    def config(name):
+        return parse_train_config({
+            "output_dir": str(tmp_path / name),
+            "adapter": {"method": "allora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+            "data": {"train": "arithmetic", "options": {"size": 24}, "max_seq_len": 192, "eval_size": 0},
+            "training": {"max_steps": 4, "batch_size": 4, "lr": 5e-3, "save_every": 2, "seed": 7},
+        })
+
+    full = []
+    train(config("full"), model_and_tokenizer=tiny_chat_model_and_tokenizer(), on_step=lambda s, loss: full.append(loss))
+
+    def stop_after_two(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    train(config("partial"), model_and_tokenizer=tiny_chat_model_and_tokenizer(), on_step=stop_after_two)
+    resumed = []
+    train(config("partial"), resume=True, model_and_tokenizer=tiny_chat_model_and_tokenizer(),
+          on_step=lambda s, loss: resumed.append(loss))
+    assert resumed == pytest.approx(full[2:], rel=1e-5, abs=1e-6)
