@@ -185,7 +185,8 @@ def test_a_resumed_run_keeps_the_per_row_learning_rate(tmp_path):
         })
 
     full = []
-    train(config("full"), model_and_tokenizer=tiny_chat_model_and_tokenizer(), on_step=lambda s, loss: full.append(loss))
+    train(config("full"), model_and_tokenizer=tiny_chat_model_and_tokenizer(),
+          on_step=lambda s, loss: full.append(loss))
 
     def stop_after_two(step, loss):
         if step == 2:

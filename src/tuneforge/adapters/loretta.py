@@ -92,7 +92,8 @@ class TensorTrainFactor(nn.Module):
         ranks = tt_ranks(tt_rank, num_cores)
         # A product of d cores with entries N(0, σ²/r_k) has entries of std Π σ; σ = target^(1/d).
         per_core = target_std ** (1 / num_cores)
-        cores = [torch.randn(ranks[k], n, ranks[k + 1]) * per_core / math.sqrt(ranks[k]) for k, n in enumerate(self.shape)]
+        cores = [torch.randn(ranks[k], n, ranks[k + 1]) * per_core / math.sqrt(ranks[k])
+                 for k, n in enumerate(self.shape)]
         if zero_last:
             cores[-1].zero_()
         self.cores = nn.ParameterList(nn.Parameter(core) for core in cores)
