@@ -111,9 +111,9 @@ CASES = [
         r=2, shards_per_vector=4, private_shards=1, pool_size=8, dropout=0.1, target_modules=["c_attn", "c_fc"]),
         make_model=tiny_gpt2),
     AdapterCase("loretta-llama", lambda: __import__("tuneforge.adapters.loretta", fromlist=["_"]).LorettaConfig(
-        tt_rank=3, target_modules=["q_proj", "k_proj", "down_proj"])),
+        r=4, alpha=8.0, tt_rank=3, target_modules=["q_proj", "k_proj", "down_proj"])),
     AdapterCase("loretta-gpt2-conv1d-dropout", lambda: __import__("tuneforge.adapters.loretta", fromlist=["_"]).LorettaConfig(
-        tt_rank=2, num_cores=2, dropout=0.1, target_modules=["c_attn", "c_proj"]), make_model=tiny_gpt2),
+        r=2, tt_rank=2, num_cores=2, dropout=0.1, target_modules=["c_attn", "c_proj"]), make_model=tiny_gpt2),
     # --- end section: parameter sharing ---
     # --- section: scaling, selective, bottleneck, sparse ---
     AdapterCase("ia3-llama-default", lambda: __import__("tuneforge.adapters.ia3", fromlist=["_"]).IA3Config()),

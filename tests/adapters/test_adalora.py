@@ -108,10 +108,15 @@ def test_importance_is_the_smoothed_sensitivity_times_uncertainty_and_masks_the_
     history: dict[str, list] = {}
 
     def snapshot(step):
-        for name, adapter in adalora_layers(model):
-            for leaf in ("lora_A", "lora_E", "lora_B"):
-                param = getattr(adapter, leaf)
-                history.setdefault(f"{name}.{leaf}", []).append((param.detach().clone(), param.grad.clone()))
+        # Importance comes from the task loss alone: its gradient, recomputed without the regulariser.
+        leaves = [(f"{name}.{leaf}", getattr(adapter, leaf)) for name, adapter in adalora_layers(model)
+                  for leaf in ("lora_A", "lora_E", "lora_B")]
+        ids = sample_ids(batch=2, length=12)  # run_steps' batch
+        task_grads = torch.autograd.grad(model(ids, labels=ids).loss, [param for _, param in leaves])
+        for (key, param), grad in zip(leaves, task_grads):
+            if not key.endswith("lora_E"):  # Λ is not regularised
+                assert not torch.allclose(grad, param.grad), "the step's gradient should include the regulariser's"
+            history.setdefault(key, []).append((param.detach().clone(), grad))
 
     # Steps 0-3 of a 6-step schedule, so the last allocation is an intermediate one.
     run_steps(model, hooks, 6, before_step=snapshot, stop_after=4)
@@ -138,18 +143,59 @@ def test_importance_is_the_smoothed_sensitivity_times_uncertainty_and_masks_the_
     assert pruned_scores.max() <= kept_scores.min() + 1e-12, "a pruned triplet was more important than a kept one"
 
 
-def test_orthogonality_penalty_matches_the_formula():
+def test_orthogonality_penalty_is_the_mean_of_unsquared_distances():
     model, config, hooks = adalora_model(orth_reg_weight=0.3)
     perturb_trainable(model, scale=0.3)
-    expected = 0.0
+    distances = []
     for _, adapter in adalora_layers(model):
         p, q = adapter.lora_B.detach().double(), adapter.lora_A.detach().double()
         r = p.shape[1]
-        for i in range(r):
-            for j in range(r):
-                identity = 1.0 if i == j else 0.0
-                expected += (float(p[:, i] @ p[:, j]) - identity) ** 2 + (float(q[i] @ q[j]) - identity) ** 2
-    assert float(hooks.extra_loss(model)) == pytest.approx(0.3 * expected, rel=1e-5)
+        for gram in ([[float(p[:, i] @ p[:, j]) for j in range(r)] for i in range(r)],
+                     [[float(q[i] @ q[j]) for j in range(r)] for i in range(r)]):
+            squares = sum((gram[i][j] - (1.0 if i == j else 0.0)) ** 2 for i in range(r) for j in range(r))
+            distances.append(squares ** 0.5)
+    assert len(distances) == 2 * 6
+    assert float(hooks.extra_loss(model).detach()) == pytest.approx(0.3 * sum(distances) / len(distances), rel=1e-5)
+
+
+def test_orthogonality_penalty_equals_peft_adalora_models():
+    """peft's AdaLoraModel.forward adds the regulariser to the loss: the difference is its value."""
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    config = AdaLoraConfig(init_r=6, target_r=2, alpha=8, total_step=10, orth_reg_weight=0.5, target_modules=TARGETS)
+    add_adapter(model, config)
+    perturb_trainable(model, scale=0.3)
+    hooks = adalora_hooks(model, "default", config)
+    theirs = peft_adalora(base, total_step=10, orth_reg_weight=0.5)
+    ours = {f"base_model.model.{name}.{leaf}.default": tensor
+            for name, adapter in adalora_layers(model) for leaf, tensor in adapter.file_tensors().items()}
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if name in ours:
+                param.copy_(ours[name])
+    ids = sample_ids()
+    model.eval(), theirs.eval()
+    with torch.no_grad():
+        task_loss = model(ids, labels=ids).loss
+        peft_loss = theirs.base_model(input_ids=ids, labels=ids).loss  # AdaLoraModel.forward adds it
+        ours_total = task_loss + hooks.extra_loss(model)
+    assert float(peft_loss - task_loss) > 0.05  # the regulariser is really there
+    assert float(ours_total) == pytest.approx(float(peft_loss), rel=1e-5)
+
+
+def test_importance_ignores_the_regularisers_gradient():
+    model, _, hooks = adalora_model(orth_reg_weight=0.5)
+    perturb_trainable(model, scale=0.3)
+    ids = sample_ids()
+    (model(ids, labels=ids).loss + hooks.extra_loss(model)).backward()
+    hooks.before_optimizer_step(model, 0, 10)
+    with_regulariser = dict(hooks.sensitivity)
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    task_only = adalora_hooks(model, "default", hooks.config)
+    task_only.update_importance()
+    for key, value in task_only.sensitivity.items():
+        torch.testing.assert_close(with_regulariser[key], value, atol=1e-7, rtol=1e-4)
 
 
 def test_no_penalty_when_weight_is_zero():

@@ -6,9 +6,18 @@ Each adapted layer learns its update in SVD form::
 
 with Λ = 0 at init (identity) and s = alpha / init_r. During training a budget of kept triplets
 (P[:, i], λ_i, Q[i, :]) shrinks from ``init_r`` per layer to ``target_r`` per layer on a cubic schedule;
-at each allocation step the globally least important triplets get λ_i = 0. A triplet's importance is
-the smoothed sensitivity times its uncertainty (paper §3.2), summed over λ_i and the means over its
-vector entries. An orthogonality regulariser keeps P and Q close to orthonormal (paper eq. 4).
+at each allocation step the globally least important triplets get λ_i = 0 (paper Algorithm 1). A
+triplet's importance is the smoothed sensitivity times its uncertainty (paper eqs. 5-7), summed over
+λ_i and the means over its vector entries (eq. 8).
+
+An orthogonality regulariser keeps P and Q close to orthonormal. The paper (eq. 4) writes
+R(P, Q) = ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F summed over layers; the official code and peft (whose
+``AdaLoraModel.forward`` we follow) add instead ``orth_reg_weight`` times the *mean* over all 2L
+matrices of the *unsquared* norms ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F, which is far weaker. Importance is
+read from the task loss's gradient only: peft and the official code take ``p.grad`` after the
+backward of loss + regulariser, so a triplet far from orthonormal would look important; the paper
+defines sensitivity on the training loss, and we remove the regulariser's gradient before scoring.
+(With gradient clipping, what is removed is the unclipped regulariser gradient, an approximation.)
 
 File format: PEFT's ADALORA layout (``lora_A`` = Q, ``lora_B`` = P, ``lora_E`` = Λ as (r, 1), no
 ``.weight`` suffix; ``ranknum`` is not stored). PEFT saves a trained adapter pruned to the kept triplets
@@ -187,11 +196,17 @@ def build_adalora(base_layer: nn.Module, config: AdaLoraConfig, module_name: str
                          is_transposed(base_layer), kept)
 
 
-def orthogonality_penalty(adapter: AdaLoraLinear) -> torch.Tensor:
-    """||PᵀP − I||²_F + ||QQᵀ − I||²_F (paper eq. 4)."""
+def orthogonality_distances(adapter: AdaLoraLinear) -> list[torch.Tensor]:
+    """[‖PᵀP − I‖_F, ‖QQᵀ − I‖_F] for one layer (unsquared, as the reference code)."""
     p, q = adapter.lora_B, adapter.lora_A
     eye = torch.eye(adapter.init_r, device=p.device, dtype=p.dtype)
-    return (p.T @ p - eye).pow(2).sum() + (q @ q.T - eye).pow(2).sum()
+    return [torch.linalg.matrix_norm(p.T @ p - eye), torch.linalg.matrix_norm(q @ q.T - eye)]
+
+
+def orthogonality_penalty(adapters: list[AdaLoraLinear]) -> torch.Tensor:
+    """Mean over all P and Q matrices of their distance to orthonormal (peft's AdaLoraModel.forward)."""
+    distances = [d for adapter in adapters for d in orthogonality_distances(adapter)]
+    return torch.stack(distances).mean()
 
 
 class AdaLoraAllocator(TrainingHooks):
@@ -217,14 +232,30 @@ class AdaLoraAllocator(TrainingHooks):
                 if self.adapter_name in layer.adapters]
 
     def extra_loss(self, model):
-        if self.config.orth_reg_weight == 0:
+        adapters = [adapter for _, adapter in self.layers()]
+        if self.config.orth_reg_weight == 0 or not adapters:
             return None
-        return self.config.orth_reg_weight * sum(orthogonality_penalty(adapter) for _, adapter in self.layers())
+        return self.config.orth_reg_weight * orthogonality_penalty(adapters)
 
     def before_optimizer_step(self, model, step, total_steps):
         total_steps = self._checked_total(total_steps)
         if step < total_steps - self.config.tfinal:
-            self.update_importance()
+            self.update_importance(self.regulariser_gradients())
+
+    def regulariser_gradients(self) -> dict[str, torch.Tensor]:
+        """"<layer>.<param>" -> the regulariser's share of that parameter's accumulated gradient.
+
+        The loop adds ``extra_loss`` once per step in total (1/n per micro-batch), so its gradient is
+        that of one regulariser evaluated at the current weights.
+        """
+        with torch.enable_grad():
+            penalty = self.extra_loss(self.model)
+            if penalty is None:
+                return {}
+            keyed = [(f"{layer_name}.{name}", param) for layer_name, adapter in self.layers()
+                     for name, param in adapter.triplet_parameters().items()]
+            grads = torch.autograd.grad(penalty, [param for _, param in keyed], allow_unused=True)
+        return {key: grad for (key, _), grad in zip(keyed, grads) if grad is not None}
 
     def after_optimizer_step(self, model, step, total_steps):
         total_steps = self._checked_total(total_steps)
@@ -260,13 +291,17 @@ class AdaLoraAllocator(TrainingHooks):
             self.config.total_step = total_steps  # recorded in the saved adapter (PEFT requires it)
         return total_steps
 
-    def update_importance(self) -> None:
+    def update_importance(self, regulariser_grads: dict[str, torch.Tensor] | None = None) -> None:
+        """Update Ī and Ū from ``param.grad`` less the regulariser's part (``regulariser_grads``)."""
         beta1, beta2 = self.config.beta1, self.config.beta2
+        regulariser_grads = regulariser_grads or {}
         with torch.no_grad():
             for layer_name, adapter in self.layers():
                 for param_name, param in adapter.triplet_parameters().items():
                     key = f"{layer_name}.{param_name}"
                     grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                    if key in regulariser_grads:
+                        grad = grad - regulariser_grads[key]  # the task loss's gradient alone
                     sensitivity = (param * grad).abs().float()
                     smoothed = self.sensitivity.get(key, torch.zeros_like(sensitivity))
                     smoothed = beta1 * smoothed + (1 - beta1) * sensitivity

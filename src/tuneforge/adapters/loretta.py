@@ -1,17 +1,26 @@
-"""LoRETTA_rep (Yang et al. 2024): the weight update as a tensor train of small cores.
+"""LoRETTA_rep (Yang, Zhou, Wong & Zhang 2024, "LoRETTA: Low-Rank Economic Tensor-Train Adaptation for
+Ultra-Low-Parameter Fine-Tuning of Large Language Models", NAACL; Sec. 3, LoRETTA_rep).
 
-out and in are each split into ``num_cores`` factors (out = o_1⋯o_d, in = i_1⋯i_d, as balanced as
-the sizes allow), and ΔW, seen as a tensor indexed by (o_1, i_1, …, o_d, i_d), is a tensor train
-(the TT-matrix format):
+LoRA's update with each of its two factors stored as a tensor train::
 
-    ΔW[(o_1…o_d), (i_1…i_d)] = alpha · G_1[:, o_1, i_1, :] G_2[:, o_2, i_2, :] ⋯ G_d[:, o_d, i_d, :]
+    h = W x + (alpha / r) · B A x        A: (in → r), B: (r → out)
 
-with cores G_k of shape (r_{k-1}, o_k, i_k, r_k), r_0 = r_d = 1 and inner ranks ``tt_rank``; row and
-column indices are row-major in their factors, so reshaping gives W's own (out, in) shape. A layer
-stores Σ_k r_{k-1} o_k i_k r_k numbers, far fewer than LoRA's r(out + in). The last core starts at zero,
-so the model is unchanged at init (the others are Gaussian). The forward builds ΔW from the cores and
-applies it (one out×in matrix per layer and step, like a merge). PEFT has no LoRETTA; the file keeps
-the cores as ``loretta_cores.<k>``.
+A's in·r entries, seen as a tensor of shape (n_1, …, n_d) (n_1⋯n_d = in·r, row-major over A's
+(in, r) layout, as the official code reshapes it), are a tensor train of cores G_k of shape
+(r_{k-1}, n_k, r_k) with r_0 = r_d = 1 and inner ranks ``tt_rank``; B's r·out entries likewise, over
+its (r, out) layout. A factor stores Σ_k r_{k-1} n_k r_k numbers (the paper's parameter count), so a
+768×768 layer with r = 8, tt_rank = 5 and 4 cores trains 2 × 500 = 1,000 numbers where LoRA trains
+8 · (768 + 768) = 12,288. Only the two small factors are rebuilt each forward, never ΔW.
+
+Reference code vs ours (github.com/yifanycc/loretta, ``loretta_rep.py``): the official code picks each
+factor's tensor shape from a hand-written table per hidden size; we split in·r and r·out into
+``num_cores`` factors as balanced as their prime factors allow (for 768·8 that is (12, 8, 8, 8), the
+table has (8, 8, 12, 8)). It initialises every core Gaussian, so ΔW ≠ 0 at the start; we draw the
+same Gaussian cores (each scaled so the contracted factor has entries of standard deviation
+1/sqrt(in + out) as there) but zero B's last core, so the model is unchanged at init as with LoRA.
+LoRETTA_adp (tensorised bottleneck adapters) is not implemented.
+
+PEFT has no LoRETTA; the file keeps the cores as ``loretta_A.<k>`` and ``loretta_B.<k>``.
 """
 
 from __future__ import annotations
@@ -25,17 +34,18 @@ from pydantic import Field
 from torch import nn
 
 from tuneforge.adapters.layer import LayerAdapter
-from tuneforge.adapters.lora import is_transposed, refuse_quantized_merge, weight_shape
+from tuneforge.adapters.lora import check_rank, is_transposed, refuse_quantized_merge, weight_shape
 from tuneforge.adapters.vera import PeftFlags
 
 
 class LorettaConfig(PeftFlags):
-    """LoRETTA_rep: ΔW as a tensor train of ``num_cores`` cores with inner rank ``tt_rank``, scaled by ``alpha``."""
+    """LoRETTA_rep: LoRA of rank ``r`` scaled by alpha/r, each factor a tensor train of ``num_cores`` cores."""
 
     method: Literal["loretta"] = "loretta"
-    tt_rank: int = Field(4, gt=0)
-    num_cores: int = Field(3, ge=2)
-    alpha: float = Field(1.0, gt=0)
+    r: int = Field(8, gt=0, description="rank of the LoRA update B A")
+    alpha: float = Field(16.0, gt=0, description="the update is scaled by alpha / r, as LoRA's")
+    tt_rank: int = Field(5, gt=0, description="inner rank of each factor's tensor train (official default 5)")
+    num_cores: int = Field(4, ge=2, description="cores per factor (the length of its tensor shape)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
 
     peft_type: ClassVar[str | None] = None
@@ -64,14 +74,32 @@ def tt_ranks(tt_rank: int, num_cores: int) -> list[int]:
     return [1] + [tt_rank] * (num_cores - 1) + [1]
 
 
-def tt_to_matrix(cores: list[torch.Tensor]) -> torch.Tensor:
-    """Contract cores (r_{k-1}, o_k, i_k, r_k) into the (Π o_k, Π i_k) matrix, factors row-major."""
-    full = cores[0].squeeze(0)  # (o_1, i_1, r_1)
+def tt_to_tensor(cores: list[torch.Tensor]) -> torch.Tensor:
+    """Contract cores (r_{k-1}, n_k, r_k) into the flat (n_1⋯n_d,) vector, row-major in (n_1, …, n_d)."""
+    full = cores[0].reshape(cores[0].shape[1], cores[0].shape[2])  # (n_1, r_1)
     for core in cores[1:]:
-        rows, cols, _ = full.shape
-        full = torch.einsum("OIr,rois->OoIis", full, core)
-        full = full.reshape(rows * core.shape[1], cols * core.shape[2], core.shape[3])
-    return full.squeeze(-1)
+        full = (full @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[2])  # (n_1⋯n_k, r_k)
+    return full.reshape(-1)
+
+
+class TensorTrainFactor(nn.Module):
+    """One (rows, cols) matrix stored as a tensor train over its row-major entries."""
+
+    def __init__(self, rows: int, cols: int, tt_rank: int, num_cores: int, target_std: float, zero_last: bool):
+        super().__init__()
+        self.rows, self.cols = rows, cols
+        self.shape = balanced_factors(rows * cols, num_cores)
+        ranks = tt_ranks(tt_rank, num_cores)
+        # A product of d cores with entries N(0, σ²/r_k) has entries of std Π σ; σ = target^(1/d).
+        per_core = target_std ** (1 / num_cores)
+        cores = [torch.randn(ranks[k], n, ranks[k + 1]) * per_core / math.sqrt(ranks[k])
+                 for k, n in enumerate(self.shape)]
+        if zero_last:
+            cores[-1].zero_()
+        self.cores = nn.ParameterList(nn.Parameter(core) for core in cores)
+
+    def matrix(self) -> torch.Tensor:
+        return tt_to_tensor(list(self.cores)).reshape(self.rows, self.cols)
 
 
 class LorettaLinear(LayerAdapter):
@@ -80,29 +108,22 @@ class LorettaLinear(LayerAdapter):
     def __init__(self, in_features: int, out_features: int, config: LorettaConfig, transposed: bool):
         super().__init__()
         self.transposed = transposed
-        self.alpha = config.alpha
+        self.scaling = config.alpha / config.r
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.out_factors = balanced_factors(out_features, config.num_cores)
-        self.in_factors = balanced_factors(in_features, config.num_cores)
-        ranks = tt_ranks(config.tt_rank, config.num_cores)
-        cores = []
-        for k, (o, i) in enumerate(zip(self.out_factors, self.in_factors)):
-            shape = (ranks[k], o, i, ranks[k + 1])
-            if k == config.num_cores - 1:
-                cores.append(nn.Parameter(torch.zeros(shape)))
-            else:  # each core maps a unit input to unit-size output in expectation, as LoRA's A does
-                cores.append(nn.Parameter(torch.randn(shape) / math.sqrt(ranks[k] * i)))
-        self.loretta_cores = nn.ParameterList(cores)
-
-    def update(self) -> torch.Tensor:
-        return tt_to_matrix(list(self.loretta_cores)) * self.alpha  # (out, in)
+        target_std = 1 / math.sqrt(in_features + out_features)  # the official code's target
+        self.loretta_A = TensorTrainFactor(in_features, config.r, config.tt_rank, config.num_cores, target_std,
+                                           zero_last=False)  # (in, r)
+        self.loretta_B = TensorTrainFactor(config.r, out_features, config.tt_rank, config.num_cores, target_std,
+                                           zero_last=True)  # (r, out)
 
     def transform_output(self, x, out, base_layer):
-        delta = self.update()
-        return out + F.linear(self.dropout(x).to(delta.dtype), delta).to(out.dtype)
+        down = self.loretta_A.matrix()  # (in, r)
+        up = self.loretta_B.matrix()  # (r, out)
+        x = self.dropout(x).to(down.dtype)
+        return out + ((x @ down) @ up * self.scaling).to(out.dtype)
 
     def delta_weight(self, base_layer) -> torch.Tensor:
-        delta = self.update()
+        delta = (self.loretta_A.matrix() @ self.loretta_B.matrix()).T * self.scaling  # (out, in)
         return delta.T if self.transposed else delta
 
     def merge(self, base_layer, safe):
@@ -110,9 +131,15 @@ class LorettaLinear(LayerAdapter):
         super().merge(base_layer, safe)
 
     def file_tensors(self):
-        return {f"loretta_cores.{k}": core for k, core in enumerate(self.loretta_cores)}
+        cores = {f"loretta_A.{k}": core for k, core in enumerate(self.loretta_A.cores)}
+        cores.update({f"loretta_B.{k}": core for k, core in enumerate(self.loretta_B.cores)})
+        return cores
+
+    def parameter_roles(self):
+        return {"loretta_A": list(self.loretta_A.cores), "loretta_B": list(self.loretta_B.cores)}
 
 
 def build_loretta(base_layer: nn.Module, config: LorettaConfig, module_name: str) -> LorettaLinear:
     in_features, out_features = weight_shape(base_layer)
+    check_rank(config.r, in_features, out_features, module_name)
     return LorettaLinear(in_features, out_features, config, is_transposed(base_layer))

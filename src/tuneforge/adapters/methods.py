@@ -44,7 +44,7 @@ register_method(MethodSpec(
     description="AdaLoRA: SVD-form updates whose rank budget shrinks by importance during training",
 ))
 
-from tuneforge.adapters.allora import AlloraConfig, allora_hooks, build_allora  # noqa: E402
+from tuneforge.adapters.allora import AlloraConfig, build_allora  # noqa: E402
 from tuneforge.adapters.dylora import DyLoraConfig, build_dylora, dylora_hooks  # noqa: E402
 from tuneforge.adapters.hydra import HydraConfig, build_hydra  # noqa: E402
 from tuneforge.adapters.lora_fa import LoraFaConfig, build_lora_fa  # noqa: E402
@@ -64,7 +64,7 @@ register_method(MethodSpec(
 ))
 register_method(MethodSpec(
     name="allora", config_class=AlloraConfig, supported_layers=linear_layer_types, build=build_allora,
-    hooks=allora_hooks, description="ALLoRA: LoRA without dropout or scaling, row gradients scaled by 1/norm",
+    description="ALLoRA: LoRA without dropout or scaling, a per-row learning rate falling with the row's norm",
 ))
 register_method(MethodSpec(
     name="hydra", config_class=HydraConfig, supported_layers=linear_layer_types, build=build_hydra,

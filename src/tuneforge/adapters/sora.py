@@ -1,16 +1,28 @@
-"""SoRA (Ding et al. 2023, "Sparse Low-rank Adaptation of Pre-trained Language Models").
+"""SoRA (Ding et al. 2023, "Sparse Low-rank Adaptation of Pre-trained Language Models", EMNLP).
 
-A gate vector g (one entry per rank) sits between A and B::
+A gate vector g (one entry per rank) sits between A and B (paper eq. 2)::
 
-    h = W x + s · B (g ⊙ A x),   s = alpha / r,   g = 1 and B = 0 at init (identity)
+    h = W x + s · B (g ⊙ A x),   s = alpha / r,   B = 0 at init (identity), g ~ N(0, 1)
 
-After every optimizer step the gate takes a proximal-gradient step for the L1 penalty λ‖g‖₁: the soft
-threshold g ← sign(g) · max(|g| − η λ(t), 0). Gates that reach zero switch their rank off; the
-``effective_ranks`` are the non-zero gates, and zero ranks can be removed after training. ``λ(t)``
-is constant or ramps up linearly over the run (the paper's sparsifying scheduler raises λ over time).
+The gate trains with the other adapter parameters; after every optimizer step it takes the proximal
+step of an L1 penalty, the soft threshold (paper eq. 4)::
 
-η is ``gate_lr``: the hooks do not see the optimizer's learning rate, so the proximal step size is its
-own setting. The file stores A, B (LoRA's leaf names) and the gate; PEFT has no SoRA.
+    g ← sign(g) · max(|g| − ξ(t), 0)
+
+Gates that reach zero switch their rank off; the ``effective_ranks`` are the non-zero gates, and zero
+ranks can be removed after training.
+
+Paper vs reference code: the paper thresholds by η_t·ξ (learning rate times L1 strength). The
+official code (TsinghuaC3I/SoRA, ``SparseAdamW``) thresholds by ``sparse_lambda_2`` = ξ directly after
+each AdamW step of the gate, initialises the gate with ``torch.randn``, and trains it at the model's
+learning rate. We follow the reference code: ``sora_lambda`` is ξ, the per-step threshold (the
+reference's default, 1e-3), and gates start Gaussian, so the gates that start small are pruned within
+a few hundred steps (η_t·ξ with a 2e-4 learning rate would be 2e-7 per step: nothing would ever be
+pruned). Departures: the reference also adds ``sparse_lambda · mean|g|`` to the loss, which we leave
+out (its gradient is a constant sign the proximal step already applies), and its sparsifying scheduler
+raises ξ in stages across several training runs; ``lambda_schedule="linear"`` ramps ξ from 0 to
+``sora_lambda`` within one run instead. The file stores A, B (LoRA's leaf names) and the gate; PEFT has
+no SoRA.
 """
 
 from __future__ import annotations
@@ -34,10 +46,10 @@ class SoraConfig(AdapterConfig):
     r: int = Field(8, gt=0, description="largest rank; the gate switches ranks off")
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    sora_lambda: float = Field(1e-3, ge=0.0, description="L1 strength on the gate")
-    gate_lr: float = Field(1e-2, gt=0.0, description="step size η of the proximal (soft-threshold) step")
+    sora_lambda: float = Field(
+        1e-3, ge=0.0, description="ξ: the gates' soft threshold per optimizer step (reference code's sparse_lambda_2)")
     lambda_schedule: Literal["constant", "linear"] = Field(
-        "constant", description="linear: λ ramps from 0 to sora_lambda over the run")
+        "constant", description="linear: ξ ramps from 0 to sora_lambda over the run")
     fan_in_fan_out: bool = False  # PEFT's flag for GPT-2's Conv1D; the layout is detected from the layer
 
 
@@ -54,7 +66,7 @@ class SoraLinear(LayerAdapter):
         self.transposed = transposed
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(r, in_features))  # (r, in)
-        self.gate = nn.Parameter(torch.ones(r))  # (r,)
+        self.gate = nn.Parameter(torch.randn(r))  # (r,), Gaussian as in the reference code
         self.lora_B = nn.Parameter(torch.zeros(out_features, r))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
@@ -108,10 +120,11 @@ class SoraGateHook(TrainingHooks):
         self.config = config
 
     def threshold(self, step: int, total_steps: int) -> float:
+        """ξ(t), applied as is (the reference's SparseAdamW), not scaled by a learning rate."""
         strength = self.config.sora_lambda
         if self.config.lambda_schedule == "linear":
             strength *= (step + 1) / max(1, total_steps)
-        return self.config.gate_lr * strength
+        return strength
 
     def after_optimizer_step(self, model, step, total_steps):
         threshold = self.threshold(step, total_steps)

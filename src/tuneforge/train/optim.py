@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tuneforge.adapters import loraplus_param_groups
+from tuneforge.adapters.optim import scale_optimizer_steps
 from tuneforge.config.schema import TrainingConfig
 from tuneforge.errors import ConfigError
 
@@ -22,9 +23,12 @@ def build_optimizer(model: nn.Module, training: TrainingConfig) -> torch.optim.O
     if training.optimizer == "adamw8bit":
         from tuneforge.quant.optim8bit import AdamW8bit
 
-        return AdamW8bit(groups, lr=training.lr, betas=(0.9, 0.999), weight_decay=training.weight_decay)
-    fused = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=training.lr, betas=(0.9, 0.999), fused=fused or None)
+        optimizer = AdamW8bit(groups, lr=training.lr, betas=(0.9, 0.999), weight_decay=training.weight_decay)
+    else:
+        fused = all(p.is_cuda for g in groups for p in g["params"])
+        optimizer = torch.optim.AdamW(groups, lr=training.lr, betas=(0.9, 0.999), fused=fused or None)
+    scale_optimizer_steps(optimizer, model)  # per-row learning rates of methods such as ALLoRA
+    return optimizer
 
 
 def warmup_steps(training: TrainingConfig, total_steps: int) -> int:
