@@ -155,7 +155,7 @@ METHOD_RUNS: dict[str, MethodRun] = {
     "vb-lora": MethodRun(_layers(method="vb-lora", r=4, num_vectors=256, vector_length=64, topk=2), lr=5e-3),
     "road": MethodRun(_layers(method="road", variant="road_1", group_size=64), lr=3e-3),
     "mos": MethodRun(_layers(method="mos", r=16, alpha=32, shards_per_vector=2)),
-    "loretta": MethodRun(_layers(method="loretta", tt_rank=4, num_cores=3), lr=5e-3),
+    "loretta": MethodRun(_layers(method="loretta", r=8, alpha=16, tt_rank=5, num_cores=4), lr=5e-3),
     "ia3": MethodRun(_layers(method="ia3"), lr=5e-3),
     "ln-tuning": MethodRun(_layers(method="ln-tuning"), lr=5e-3),
     # SmolLM2's linear layers have no biases, so published BitFit (existing biases only) has nothing to

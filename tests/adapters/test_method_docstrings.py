@@ -18,7 +18,6 @@ LORA_OPTION_MODULES = ["tuneforge.adapters.dora"] + [
 NO_PAPER = {"tuneforge.adapters.trainable_tokens"}
 
 # Being rewritten on other branches (issue 16, items 1-9); the lead empties this list after merging them.
-REWRITTEN_ELSEWHERE = {"allora", "adalora", "loretta", "sora", "mole", "mixlora", "sparse_ft", "hydra", "bitfit", "eva"}
 
 PAPER = re.compile(r"arXiv:\d{4}\.\d{4,5}|\b(ICLR|ICML|NeurIPS|EMNLP|EACL|NAACL|ACL|AAAI|CVPR|ICCV|ECCV|TMLR) (19|20)\d\d\b")
 EQUATION_OR_SECTION = re.compile(r"\bEqs?\.|\bEquation\b|§\s?\d|\bsections?\b|\bAlgorithm \d", re.IGNORECASE)
@@ -30,8 +29,6 @@ def method_modules() -> list[str]:
 
 
 def case(module: str):
-    if module.rsplit(".", 1)[-1] in REWRITTEN_ELSEWHERE:
-        return pytest.param(module, marks=pytest.mark.xfail(reason="docstring being rewritten with the method"))
     return module
 
 

@@ -1,4 +1,5 @@
-"""AdaLoRA (Zhang et al. 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning").
+"""AdaLoRA (Zhang et al. 2023, "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning",
+ICLR 2023, arXiv:2303.10512).
 
 Each adapted layer learns its update in SVD form::
 

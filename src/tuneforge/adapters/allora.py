@@ -1,5 +1,5 @@
 """ALLoRA (Huang & Balestriero 2024, "ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal Flaws",
-arXiv:2410.09692, Sec. 4).
+arXiv:2410.09692, Section 4).
 
 A LoRA without dropout and without the alpha/r scaling factor (h = W x + B A x), trained with an
 adaptive learning rate per row of ΔW = B A (one row per output feature i)::

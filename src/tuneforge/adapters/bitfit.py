@@ -1,5 +1,5 @@
 """BitFit (Ben Zaken et al. 2022, "BitFit: Simple Parameter-efficient Fine-tuning for
-Transformer-based Masked Language-models"): train only the model's existing bias terms.
+Transformer-based Masked Language-models", ACL 2022, arXiv:2106.10199, Section 3): train only the model's existing bias terms.
 
 The paper freezes every weight matrix and trains the bias terms: for a target layer ``h = W x + b``,
 b trains and W stays frozen. We keep b frozen too and train a delta, ``h = W x + (b + Δb)`` with

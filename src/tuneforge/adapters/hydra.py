@@ -1,4 +1,5 @@
-"""Hydra (Kim et al. 2024, "Hydra: Multi-head Low-rank Adaptation for Parameter Efficient Fine-tuning").
+"""Hydra (Kim et al. 2024, "Hydra: Multi-head Low-rank Adaptation for Parameter Efficient Fine-tuning",
+arXiv:2309.06922).
 
 A parallel LoRA branch on the layer input plus a sequential branch on the pretrained features
 (the paper's Eq. for the Hydra layer, h = W x + B_p A_p x + B_s A_s W x, with LoRA's scale s)::

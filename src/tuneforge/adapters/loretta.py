@@ -1,5 +1,5 @@
 """LoRETTA_rep (Yang, Zhou, Wong & Zhang 2024, "LoRETTA: Low-Rank Economic Tensor-Train Adaptation for
-Ultra-Low-Parameter Fine-Tuning of Large Language Models", NAACL; Sec. 3, LoRETTA_rep).
+Ultra-Low-Parameter Fine-Tuning of Large Language Models", NAACL 2024, arXiv:2402.11417; Section 3, LoRETTA_rep).
 
 LoRA's update with each of its two factors stored as a tensor train::
 

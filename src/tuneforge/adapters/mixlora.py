@@ -1,5 +1,5 @@
 """MixLoRA (Li et al. 2024, "MixLoRA: Enhancing Large Language Models Fine-Tuning with LoRA-based
-Mixture of Experts"): a sparse mixture of LoRA'd FFN experts with one top-k router per FFN block.
+Mixture of Experts", arXiv:2404.15159): a sparse mixture of LoRA'd FFN experts with one top-k router per FFN block.
 
 The adapter wraps a whole FFN block (``target_modules: ["mlp"]``). Expert e is the frozen FFN with a
 LoRA on each of its projections (W_p + s B_{p,e} A_{p,e} for p in gate/up/down, or GPT-2's c_fc/c_proj),

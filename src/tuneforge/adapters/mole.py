@@ -1,6 +1,6 @@
 """Learned routers over already-trained LoRAs, one per adapted projection: the setting of MoLE (Wu et
-al. 2024, "Mixture of LoRA Experts", gating learned over trained LoRAs while they stay frozen) with the
-per-token top-k gate of MeteoRA (Xu et al. 2024), which routes inside every LoRA'd linear layer.
+al. 2024, "Mixture of LoRA Experts", ICLR 2024, arXiv:2404.13628, Section 3: gating learned over
+trained LoRAs while they stay frozen) with the per-token top-k gate of MeteoRA (Xu et al. 2024), which routes inside every LoRA'd linear layer.
 
 Build it with ``tuneforge.merge.lora_router.add_lora_router``, which fills the experts from LoRA files
 and leaves only the routers trainable. Each targeted projection holds ``num_experts`` fixed experts

@@ -1,4 +1,5 @@
-"""SoRA (Ding et al. 2023, "Sparse Low-rank Adaptation of Pre-trained Language Models", EMNLP).
+"""SoRA (Ding et al. 2023, "Sparse Low-rank Adaptation of Pre-trained Language Models", EMNLP 2023,
+arXiv:2311.11696).
 
 A gate vector g (one entry per rank) sits between A and B (paper eq. 2)::
 

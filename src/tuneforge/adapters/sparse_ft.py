@@ -1,4 +1,5 @@
-"""Diff pruning (Guo, Rush and Kim 2021, "Parameter-Efficient Transfer Learning with Diff Pruning").
+"""Diff pruning (Guo, Rush and Kim 2021, "Parameter-Efficient Transfer Learning with Diff Pruning",
+ACL 2021, arXiv:2012.07463).
 
 Each target layer learns a diff δ added to its frozen weight, ``h = (W + δ) x + b``. With
 ``selection: hard-concrete`` (the paper's method) δ = z ⊙ w, where w is a dense trainable diff and z

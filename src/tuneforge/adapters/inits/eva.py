@@ -1,5 +1,5 @@
 """EVA (Paischer et al. 2024, "One Initialization to Rule them All: Fine-tuning via Explained Variance
-Adaptation"): A from the directions that explain most of the layer's input variance.
+Adaptation", arXiv:2410.07170, Section 3): A from the directions that explain most of the layer's input variance.
 
 Per layer, A0 = the top right singular vectors of the layer's centred calibration inputs X − 1μᵀ,
 i.e. the top eigenvectors of the input covariance E[x xᵀ] − μ μᵀ (the paper's PCA; we accumulate the
