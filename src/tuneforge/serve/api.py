@@ -40,6 +40,7 @@ from tuneforge.serve.engine import (
     Engine,
     EngineStoppedError,
     EngineTimeoutError,
+    GenerationFailedError,
     GenerationRequest,
     RequestError,
 )
@@ -64,6 +65,7 @@ ERROR_STATUS: list[tuple[type[BaseException], int, str, str]] = [
     (AdapterCapacityError, 503, "server_error", "adapters_busy"),
     (EngineTimeoutError, 503, "server_error", "timeout"),
     (EngineStoppedError, 503, "server_error", "engine_unavailable"),
+    (GenerationFailedError, 500, "server_error", "generation_failed"),
     (RequestError, 400, "invalid_request_error", "invalid_request"),
     (ConfigError, 400, "invalid_request_error", "invalid_value"),
     (DataError, 400, "invalid_request_error", "invalid_value"),
@@ -299,20 +301,38 @@ async def _respond(service: Service, request: Request, generation: GenerationReq
     if body.stream:
         return StreamingResponse(_sse(service, handle, events, shape, body.include_usage), media_type="text/event-stream")
     deadline = loop.time() + service.request_timeout
+    gone = asyncio.ensure_future(_client_gone(request))  # a client that hangs up frees its row at once
     try:
         while True:
-            item = await asyncio.wait_for(events.get(), timeout=max(0.0, deadline - loop.time()))
+            waiting = asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({waiting, gone}, timeout=max(0.0, deadline - loop.time()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if waiting not in done:
+                waiting.cancel()
+                handle.cancel()
+                if gone in done:  # nobody is left to answer; the status only reaches the server log
+                    return JSONResponse(error_body(ApiError(499, "the client closed the connection",
+                                                            "invalid_request_error", "client_closed")), 499)
+                raise EngineTimeoutError(
+                    f"the request did not finish within {service.request_timeout:g} s; it was cancelled")
+            item = waiting.result()
             if isinstance(item, BaseException):
                 raise item
             if item.finish_reason is not None:
                 break
-    except asyncio.TimeoutError:
-        handle.cancel()
-        raise EngineTimeoutError(f"the request did not finish within {service.request_timeout:g} s; it was cancelled") from None
     except asyncio.CancelledError:
         handle.cancel()
         raise
+    finally:
+        gone.cancel()
     return shape.full(handle.result(0))
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (the body is already read, so the ASGI server's next
+    message can only be the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _sse(service: Service, handle, events: asyncio.Queue, shape, include_usage: bool) -> AsyncIterator[str]:
