@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -213,3 +214,125 @@ def test_a_disconnected_non_streaming_client_is_cancelled(served, monkeypatch):
     wait_until(lambda: handles[0].done, "the request finishes")
     result = handles[0].result(0)
     assert result.finish_reason == "cancelled" and result.completion_tokens == 0
+
+
+# ---- 2. an adapter never writes the shared base weights ---------------------------------------
+
+WRAPPED_BASE_KEY = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"  # alpha wraps q_proj
+STRAY_BASE_KEY = "base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"  # no adapter wraps up_proj
+
+
+def _adapter_with_extra_tensors(served, name: str, keys: list[str]) -> None:
+    directory = served.adapters_dir / name
+    shutil.copytree(served.adapters_dir / "alpha", directory)
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    reference = chat_model(served.tokenizer)
+    for key in keys:
+        module = key.removeprefix("base_model.model.").removesuffix(".base_layer.weight")
+        tensors[key] = torch.randn_like(reference.get_submodule(module).weight) * 3
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("name, keys", [
+    ("writes-base", [WRAPPED_BASE_KEY]),
+    ("stray-base", [STRAY_BASE_KEY]),
+    ("writes-then-stray", [WRAPPED_BASE_KEY, STRAY_BASE_KEY]),
+])
+def test_an_adapter_holding_base_weights_is_refused_and_the_base_stays_intact(served, name, keys):
+    _adapter_with_extra_tensors(served, name, keys)
+    error = error_of(served.http.post("/v1/adapters/load", json={"name": name}), 400)
+    assert any(key in error["message"] for key in keys), error["message"]
+    error = error_of(served.http.post("/v1/completions", json=completion(PROMPTS[0], model=name)), 400)
+    assert any(key in error["message"] for key in keys), error["message"]
+    base = served.http.post("/v1/completions", json=completion(PROMPTS[0])).json()
+    assert base["choices"][0]["text"] == expected_text(served, PROMPTS[0], 8)
+    assert name not in [entry["name"] for entry in served.manager.loaded()]
+
+
+def test_library_loading_checks_every_base_override_before_writing_any(served):
+    """`load_adapter` itself (used outside the server too) leaves the base untouched when any tensor is bad."""
+    from tuneforge.adapters import load_adapter
+    from tuneforge.errors import AdapterError
+
+    _adapter_with_extra_tensors(served, "library-writes-then-stray", [WRAPPED_BASE_KEY, STRAY_BASE_KEY])
+    model = chat_model(served.tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterError, match="up_proj.base_layer.weight"):
+        load_adapter(model, served.adapters_dir / "library-writes-then-stray")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---- 3. any number a client sends is bounded; no answer is ever a bare 500 ---------------------
+
+
+@pytest.mark.parametrize("field, param", [
+    ('"seed": 18446744073709551616', "seed"),
+    ('"seed": -9223372036854775809', "seed"),
+    ('"temperature": NaN', "temperature"),
+    ('"temperature": Infinity', "temperature"),
+    ('"top_p": NaN', "top_p"),
+    ('"max_tokens": 100000000000000000000000000000000', "max_tokens"),
+    ('"top_k": 100000000000000000000000000000000', "top_k"),
+    ('"logprobs": 100000000000000000000000000000000', "logprobs"),
+])
+def test_out_of_range_numbers_are_json_400s_naming_the_field(served, field, param):
+    raw = '{"model": "%s", "prompt": "hi", "max_tokens": 2, %s}' % (BASE, field)
+    response = served.http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert error_of(response, 400)["param"] == param
+
+
+def test_chat_content_parts_of_the_wrong_type_are_a_json_400(served):
+    body = {"model": BASE, "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}
+    error_of(served.http.post("/v1/chat/completions", json=body), 400)
+
+
+def test_an_unexpected_error_is_a_json_500_with_a_request_id_and_the_traceback_only_in_the_log(
+        served, monkeypatch, caplog):
+    from tuneforge.serve import api
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(api.Service, "sampling", broken)
+    with caplog.at_level(logging.ERROR):
+        response = served.http.post("/v1/completions", json=completion("hi"))
+    error = error_of(response, 500)
+    request_id = response.headers["x-request-id"]
+    assert error["type"] == "server_error" and request_id in error["message"]
+    assert "secret internal detail" not in response.text and "Traceback" not in response.text
+    logged = [r for r in caplog.records if request_id in r.getMessage()]
+    assert logged and logged[0].exc_info and "secret internal detail" in str(logged[0].exc_info[1])
+
+
+# ---- 4. model-level adapters are refused, never served as the plain base -----------------------
+
+
+def _model_level_configs():
+    from tuneforge.adapters.adaption_prompt import AdaptionPromptConfig
+    from tuneforge.adapters.p_tuning import PTuningConfig
+    from tuneforge.adapters.prefix_tuning import PrefixTuningConfig
+    from tuneforge.adapters.prompt_tuning import PromptTuningConfig
+    from tuneforge.adapters.reft import LoReftConfig
+
+    return {
+        "prompt-tuning": PromptTuningConfig(num_virtual_tokens=4),
+        "prefix-tuning": PrefixTuningConfig(num_virtual_tokens=3),
+        "p-tuning": PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8),
+        "adaption-prompt": AdaptionPromptConfig(adapter_len=4, adapter_layers=2),
+        "loreft": LoReftConfig(layers=[0], positions="f1+l1", r=2),
+    }
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning", "p-tuning", "adaption-prompt", "loreft"])
+def test_model_level_adapters_are_refused_naming_the_method(served, method):
+    from tuneforge.adapters import add_adapter, save_adapter
+
+    model = chat_model(served.tokenizer)
+    add_adapter(model, _model_level_configs()[method], "default")
+    name = f"model-level-{method}"
+    save_adapter(model, served.adapters_dir / name, "default")
+    error = error_of(served.http.post("/v1/adapters/load", json={"name": name}), 400)
+    assert method in error["message"] and error["code"] == "invalid_adapter"
+    error = error_of(served.http.post("/v1/chat/completions", json={
+        "model": name, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}), 400)
+    assert method in error["message"]

@@ -3,7 +3,13 @@
 An adapter is a subdirectory of `adapters_dir` in PEFT format (adapter_config.json +
 adapter_model.safetensors); its name is the subdirectory's name, restricted to letters, digits,
 '_' and '-', and resolved so that it can never point outside the directory (no '..', no absolute
-paths, no separators, no symlink leading out).
+paths, no separators, no symlink leading out, and no file inside it a link leading out of it).
+
+Before an adapter touches the model, its folder is checked whole (`_check_before_loading`): it must
+be a per-layer method (model-level ones, such as prompt tuning or ReFT, would be served as the plain
+base and are refused), and its tensors may not include base-model weights (`...base_layer.*`), which
+every user of the server shares. Error messages name files relative to the adapters directory, never
+by absolute path.
 
 Lifecycle of a loaded adapter:
 
@@ -18,6 +24,7 @@ already loaded never wait for a step. Lock order: model_lock, then the bookkeepi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -25,11 +32,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from tuneforge.adapters import delete_adapter, load_adapter
 from tuneforge.adapters.model import saved_module_copies, wrapped_layers
-from tuneforge.adapters.peft_format import CONFIG_FILE
+from tuneforge.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
+from tuneforge.adapters.registry import get_method
 from tuneforge.errors import AdapterError, ConfigError, TuneforgeError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -180,8 +189,8 @@ class AdapterManager:
             raise UnknownAdapterError(f"unknown model '{name}': this server has no adapters directory")
         path = self.directory / name
         if not path.is_dir() or not (path / CONFIG_FILE).is_file():
-            raise UnknownAdapterError(f"unknown model '{name}': no adapter folder {path} with {CONFIG_FILE}; "
-                                      f"available adapters: {self.available() or 'none'}")
+            raise UnknownAdapterError(f"unknown model '{name}': the adapters directory has no folder '{name}' "
+                                      f"with {CONFIG_FILE}; available adapters: {self.available() or 'none'}")
         if not self._inside(path):
             raise InvalidAdapterNameError(f"adapter '{name}' is a link that leads outside the adapters directory; refusing it")
         return path
@@ -202,9 +211,12 @@ class AdapterManager:
 
     def _load(self, name: str) -> None:
         path = self.adapter_path(name)
+        with self._public_errors(path):
+            self._check_before_loading(name, path)
         self._make_room()
         self.version += 1
-        config = load_adapter(self.model, path, name=name, activate=False)
+        with self._public_errors(path):
+            config = load_adapter(self.model, path, name=name, activate=False)
         try:
             self._check_servable(name)
         except AdapterError:
@@ -212,6 +224,61 @@ class AdapterManager:
             raise
         with self._lock:
             self._loaded[name] = _Loaded(name, config.method, last_used=next(self._clock))
+
+    def _check_before_loading(self, name: str, path: Path) -> None:
+        """Everything that can be checked without touching the model: no file links out of the folder,
+        a per-layer method, no base-model weights among the tensors."""
+        self._check_no_links_out(name, path)
+        config = read_adapter_config(path)
+        if get_method(config.method).attach is not None:
+            raise AdapterError(
+                f"adapter '{name}' uses {config.method}, a model-level method (virtual tokens, prefixes or edits "
+                "of hidden states) that this server cannot apply per request; it would answer as the plain base "
+                "model, so it is refused. Use it through tuneforge.adapters.load_adapter in Python, or serve a "
+                "per-layer adapter (LoRA and the like)"
+            )
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise AdapterError(f"adapter '{name}' has no {WEIGHTS_FILE}")
+        try:
+            with safe_open(str(weights), framework="pt") as stored:  # reads the header only
+                keys = list(stored.keys())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterError(f"adapter '{name}': {WEIGHTS_FILE} is corrupt or truncated ({exc})") from None
+        base = sorted(key for key in keys if ".base_layer." in key)
+        if base:
+            raise AdapterError(
+                f"adapter '{name}' holds base-model weights ('{base[0]}'{f' and {len(base) - 1} more' if len(base) > 1 else ''}); "
+                "a served adapter may not replace the base weights every user shares. Remove those tensors, "
+                "or merge the adapter into a new base (tuneforge merge) and serve that"
+            )
+
+    def _check_no_links_out(self, name: str, path: Path) -> None:
+        root = path.resolve()
+        for folder, subfolders, files in os.walk(path):
+            for entry in subfolders + files:
+                target = Path(folder, entry)
+                if not target.resolve().is_relative_to(root):
+                    inside = target.relative_to(path).as_posix()
+                    raise InvalidAdapterNameError(
+                        f"adapter '{name}': '{inside}' is a link that leads outside the adapter's folder; refusing it")
+
+    @contextlib.contextmanager
+    def _public_errors(self, path: Path):
+        """Adapter errors as clients see them: files named inside the adapters directory, never by
+        absolute path (the server's layout is nobody's business)."""
+        try:
+            yield
+        except TuneforgeError as error:
+            message = str(error)
+            for absolute in {str(path.resolve()), str(path.absolute()), str(path)}:
+                message = message.replace(absolute, f"<adapters-dir>/{path.name}")
+            for absolute in {str(self.directory.resolve()), str(self.directory.absolute()), str(self.directory)}:
+                message = message.replace(absolute, "<adapters-dir>")
+            if message == str(error):
+                raise
+            kind = type(error) if isinstance(error, AdapterError) else AdapterError  # keeps its HTTP status
+            raise kind(message) from None
 
     def _check_servable(self, name: str) -> None:
         if any(name in copies.modules_to_save for _, copies in saved_module_copies(self.model)):

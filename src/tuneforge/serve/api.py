@@ -44,6 +44,7 @@ from tuneforge.serve.engine import (
     GenerationRequest,
     RequestError,
 )
+from tuneforge.serve.guard import RequestGuard, ServeLimits, log
 from tuneforge.serve.metrics import prometheus_text
 from tuneforge.serve.sampling import SamplingParams
 from tuneforge.serve.scheduler import QueueFullError
@@ -80,7 +81,8 @@ def api_error_for(error: BaseException) -> ApiError:
     for kind, status, error_type, code in ERROR_STATUS:
         if isinstance(error, kind):
             return ApiError(status, str(error), error_type, code)
-    return ApiError(500, f"internal error: {type(error).__name__}", "server_error", "internal_error")
+    log.error("unexpected error while answering", exc_info=error)  # the traceback stays in the server log
+    return ApiError(500, "internal server error; the server log has the details", "server_error", "internal_error")
 
 
 def error_body(error: ApiError) -> dict:
@@ -90,23 +92,41 @@ def error_body(error: ApiError) -> dict:
 # ---- request bodies ---------------------------------------------------------------------------
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+# Bounds on every number a client sends, so that no value reaches torch or Python arithmetic unchecked
+# (a seed of 2**64 used to escape as a bare 500). The engine checks the context length on top.
+MAX_TOKENS_BOUND = 1 << 20
+MAX_TEMPERATURE = 100.0
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
 
+
+class _Strict(BaseModel):
+    # NaN and infinity are not numbers a client may send (Python's JSON parser accepts them).
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False  # a last chunk with the token counts
+
+
+class _Body(_Strict):
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND)
+    temperature: float = Field(default=1.0, ge=0, le=MAX_TEMPERATURE)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0)
-    seed: int | None = None
+    top_k: int = Field(default=0, ge=0, le=MAX_TOKENS_BOUND)
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     stream: bool = False
-    stream_options: dict | None = None  # {"include_usage": true}: a last chunk with the token counts
+    stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=1)
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.get("include_usage"))
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 class CompletionBody(_Body):
@@ -115,19 +135,24 @@ class CompletionBody(_Body):
     echo: Literal[False] = False
 
 
-class ChatMessageBody(BaseModel):
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageBody(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str | list[dict]
+    content: str | list[TextPart]
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return "".join(part.text for part in self.content)
 
 
 class ChatBody(_Body):
     messages: list[ChatMessageBody] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_BOUND)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=5)
 
@@ -147,11 +172,31 @@ class Service:
     model_name: str
     api_key: str | None = None
     request_timeout: float = 600.0
+    limits: ServeLimits = ServeLimits()
     started: float = 0.0
 
     def __post_init__(self):
         self.started = time.time()
         self.prompt_format = PromptFormat.for_tokenizer("auto", self.engine.tokenizer)
+
+    def check_limits(self, body: _Body, prompt_chars: int) -> None:
+        """Refuse what would cost more than it can be worth, before any rendering or tokenizing."""
+        limits, stops = self.limits, body.stop_strings
+        if len(stops) > limits.max_stop_strings:
+            raise ApiError(400, f"stop holds {len(stops)} strings; at most {limits.max_stop_strings} are allowed",
+                           "invalid_request_error", "invalid_value", "stop")
+        if any(len(stop) > limits.max_stop_chars for stop in stops):
+            raise ApiError(400, f"each stop string may have at most {limits.max_stop_chars} characters",
+                           "invalid_request_error", "invalid_value", "stop")
+        if isinstance(body, ChatBody) and len(body.messages) > limits.max_messages:
+            raise ApiError(400, f"messages holds {len(body.messages)} messages; this server takes at most "
+                           f"{limits.max_messages} (--max-messages)", "invalid_request_error", "invalid_value", "messages")
+        most = limits.prompt_chars(self.engine.max_model_len)
+        if prompt_chars > most:
+            raise ApiError(400, f"the prompt has {prompt_chars} characters, more than this server's {most} "
+                           f"(--max-prompt-chars); it could not fit the {self.engine.max_model_len}-token context",
+                           "invalid_request_error", "context_length_exceeded",
+                           "messages" if isinstance(body, ChatBody) else "prompt")
 
     def adapter_for(self, model: str) -> str | None:
         if model == self.model_name:
@@ -162,9 +207,8 @@ class Service:
         return model
 
     def sampling(self, body: _Body, max_tokens: int, logprobs: bool) -> SamplingParams:
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=body.top_k, seed=body.seed, stop=tuple(stop), logprobs=logprobs)
+                              top_k=body.top_k, seed=body.seed, stop=tuple(body.stop_strings), logprobs=logprobs)
 
     def encode_chat(self, messages: list[ChatMessageBody]) -> list[int]:
         return self.prompt_format.encode([Message(m.role, m.text()) for m in messages], self.engine.tokenizer)
@@ -174,8 +218,9 @@ class Service:
 
 
 def create_app(engine: Engine, adapters: AdapterManager | None, model_name: str, *, api_key: str | None = None,
-               request_timeout: float = 600.0) -> FastAPI:
-    service = Service(engine, adapters, model_name, api_key, request_timeout)
+               request_timeout: float = 600.0, limits: ServeLimits | None = None) -> FastAPI:
+    limits = limits or ServeLimits()
+    service = Service(engine, adapters, model_name, api_key, request_timeout, limits)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -187,6 +232,7 @@ def create_app(engine: Engine, adapters: AdapterManager | None, model_name: str,
 
     app = FastAPI(title="tuneforge", lifespan=lifespan)
     app.state.service = service
+    app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes)
     _install_error_handlers(app)
     authorized = [Depends(_key_checker(api_key))]
 
@@ -223,8 +269,9 @@ def create_app(engine: Engine, adapters: AdapterManager | None, model_name: str,
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(body: CompletionBody, request: Request):
         adapter = service.adapter_for(body.model)
+        service.check_limits(body, len(body.prompt) if isinstance(body.prompt, str) else 0)
         prompt_ids = body.prompt if isinstance(body.prompt, list) else list(
-            engine.tokenizer(body.prompt)["input_ids"])
+            (await run_in_threadpool(engine.tokenizer, body.prompt))["input_ids"])
         params = service.sampling(body, body.max_tokens or 16, logprobs=body.logprobs is not None)
         return await _respond(service, request, GenerationRequest(tuple(prompt_ids), params, adapter), body,
                               _CompletionFormat(service, body.model))
@@ -232,7 +279,10 @@ def create_app(engine: Engine, adapters: AdapterManager | None, model_name: str,
     @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(body: ChatBody, request: Request):
         adapter = service.adapter_for(body.model)
-        prompt_ids = service.encode_chat(body.messages)
+        service.check_limits(body, sum(len(m.text()) for m in body.messages))
+        # Rendering a chat template costs more the longer the chat; off the event loop, so that
+        # /health and every stream keep moving while it runs.
+        prompt_ids = await run_in_threadpool(service.encode_chat, body.messages)
         room = engine.max_model_len - len(prompt_ids)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, min(DEFAULT_CHAT_MAX_TOKENS, room))
         params = service.sampling(body, max_tokens, logprobs=body.logprobs)
