@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -336,3 +337,150 @@ def test_model_level_adapters_are_refused_naming_the_method(served, method):
     error = error_of(served.http.post("/v1/chat/completions", json={
         "model": name, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}), 400)
     assert method in error["message"]
+
+
+# ---- 6. big or many-message bodies never stall the event loop ---------------------------------
+
+
+def chat(messages, **extra) -> dict:
+    return {"model": BASE, "max_tokens": 2, "temperature": 0, "messages": messages, **extra}
+
+
+def test_health_answers_while_a_chat_is_rendered(served, monkeypatch):
+    from tuneforge.serve import api
+
+    rendering = threading.Event()
+    encode = api.Service.encode_chat
+
+    def slow_encode(self, messages):  # stands for a long chat's template rendering
+        rendering.set()
+        time.sleep(1.5)
+        return encode(self, messages)
+
+    monkeypatch.setattr(api.Service, "encode_chat", slow_encode)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(served.http.post, "/v1/chat/completions", json=chat([{"role": "user", "content": "hi"}]))
+        assert rendering.wait(10)
+        started = time.monotonic()
+        assert served.http.get("/health").status_code == 200
+        assert time.monotonic() - started < 0.75, "the event loop waited for the rendering"
+        assert future.result().status_code == 200
+
+
+def test_twenty_thousand_messages_are_refused_before_rendering(served):
+    messages = [{"role": "user" if i % 2 else "assistant", "content": "hello there"} for i in range(20_000)]
+    started = time.monotonic()
+    response = served.http.post("/v1/chat/completions", json=chat(messages), timeout=20)
+    assert error_of(response, 400)["param"] == "messages"
+    assert time.monotonic() - started < 5
+
+
+def test_a_body_over_the_size_bound_is_413(served):
+    response = served.http.post("/v1/completions", json=completion("x" * (3 * 1024 * 1024)))
+    assert error_of(response, 413)["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize("stop", [[f"s{i}" for i in range(17)], ["x" * 257]])
+def test_too_many_or_too_long_stop_strings_are_400(served, stop):
+    assert error_of(served.http.post("/v1/completions", json=completion("hi", stop=stop)), 400)["param"] == "stop"
+
+
+def test_a_prompt_longer_than_the_context_can_hold_is_refused_before_rendering(served, monkeypatch):
+    from tuneforge.serve import api
+
+    rendered = []
+    monkeypatch.setattr(api.Service, "encode_chat", lambda self, messages: rendered.append(1) or [1])
+    too_long = "word " * (32 * served.engine.max_model_len // 5 + 1)
+    response = served.http.post("/v1/chat/completions", json=chat([{"role": "user", "content": too_long}]))
+    assert error_of(response, 400)["code"] == "context_length_exceeded" and rendered == []
+
+
+# ---- 8. keys, exposure, paths -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/docs", "/openapi.json"])
+def test_metrics_docs_and_schema_need_the_key_but_health_does_not(served, path):
+    anonymous = httpx.get(served.url + path)
+    assert error_of(anonymous, 401)["code"] == "invalid_api_key"
+    assert served.http.get(path).status_code == 200
+    assert httpx.get(served.url + "/health").status_code == 200
+
+
+ADMIN = "admin-key"
+
+
+@pytest.fixture(scope="module")
+def admin_served(served):
+    """A second app on the same engine with a separate admin key."""
+    app = create_app(served.engine, served.manager, BASE, api_key=KEY, admin_key=ADMIN)
+    with loopback_server(app) as url:
+        yield url
+
+
+def test_adapter_routes_need_the_admin_key(admin_served):
+    user = {"Authorization": f"Bearer {KEY}"}
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    for route in ("/v1/adapters/load", "/v1/adapters/unload"):
+        assert error_of(httpx.post(admin_served + route, json={"name": "beta"}), 401)["code"] == "invalid_api_key"
+        assert error_of(httpx.post(admin_served + route, json={"name": "beta"}, headers=user), 403)["code"] == "admin_key_required"
+    assert httpx.post(admin_served + "/v1/adapters/load", json={"name": "beta", "pin": True}, headers=admin, timeout=30).status_code == 200
+    assert httpx.post(admin_served + "/v1/adapters/unload", json={"name": "beta"}, headers=admin, timeout=30).status_code == 200
+    for headers in (user, admin):  # the admin key serves completions too
+        response = httpx.post(admin_served + "/v1/completions", json=completion("hi", 2), headers=headers, timeout=30)
+        assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("keys", [{"api_key": ""}, {"api_key": KEY, "admin_key": ""}, {"admin_key": ""}])
+def test_empty_keys_are_refused(served, keys):
+    from tuneforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="empty"):
+        create_app(served.engine, served.manager, BASE, **keys)
+
+
+@pytest.mark.parametrize("argv", [["--api-key", ""], ["--admin-key", ""], ["--api-key", "k", "--admin-key", ""]])
+def test_the_cli_refuses_an_empty_key_before_loading_the_model(monkeypatch, capsys, argv):
+    from tuneforge.cli import main
+    from tuneforge.serve import command
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(command, "load_model", never)
+    assert main(["serve", *argv]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_the_cli_refuses_an_empty_key_from_the_environment(monkeypatch, capsys):
+    from tuneforge.cli import main
+    from tuneforge.serve import command
+
+    monkeypatch.setattr(command, "load_model", lambda *a, **k: pytest.fail("the model must not load"))
+    monkeypatch.setenv(command.API_KEY_VARIABLE, "")
+    assert main(["serve"]) == 2
+    assert command.API_KEY_VARIABLE in capsys.readouterr().err
+
+
+def test_error_messages_never_show_the_servers_absolute_paths(served):
+    broken = served.adapters_dir / "broken-config"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    answers = [served.http.post("/v1/completions", json=completion("hi", model="missing")),
+               served.http.post("/v1/adapters/load", json={"name": "missing"}),
+               served.http.post("/v1/adapters/load", json={"name": "broken-config"})]
+    assert [a.status_code for a in answers] == [404, 404, 400]
+    roots = {str(served.adapters_dir), str(served.adapters_dir.resolve()), str(served.adapters_dir.parent)}
+    for answer in answers:
+        assert not any(root in answer.text for root in roots), answer.text
+
+
+def test_a_file_linking_out_of_the_adapter_folder_is_refused(served, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(served.adapters_dir / "alpha" / "adapter_model.safetensors", outside)
+    linked = served.adapters_dir / "linked-weights"
+    linked.mkdir()
+    shutil.copy(served.adapters_dir / "alpha" / "adapter_config.json", linked)
+    (linked / "adapter_model.safetensors").symlink_to(outside)
+    error = error_of(served.http.post("/v1/adapters/load", json={"name": "linked-weights"}), 400)
+    assert "adapter_model.safetensors" in error["message"] and "outside" in error["message"]
+    assert str(tmp_path) not in error["message"]

@@ -3,8 +3,12 @@
     GET  /v1/models              the base model and every adapter (with `parent`: the base)
     POST /v1/completions         prompt text (or token ids) -> text; `stream: true` for SSE chunks
     POST /v1/chat/completions    messages -> reply, rendered with the tokenizer's chat template
-    POST /v1/adapters/load       {"name", "pin"?}     POST /v1/adapters/unload   {"name"}
-    GET  /health                 GET /metrics (Prometheus text)
+    POST /v1/adapters/load       {"name", "pin"?}     POST /v1/adapters/unload   {"name"}   (admin key)
+    GET  /health (always open)   GET /metrics (Prometheus text)   GET /docs, /openapi.json
+
+With an API key set, every route but /health needs `Authorization: Bearer <key>`; the adapter
+routes (which change what every user is served) need the admin key, which defaults to the API key.
+The admin key also works wherever the API key does.
 
 The `model` field picks the adapter: the base model's name means no adapter. Errors keep OpenAI's
 shape, {"error": {"message", "type", "param", "code"}}, and their status comes from the exception
@@ -25,6 +29,7 @@ from typing import Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -218,7 +223,13 @@ class Service:
 
 
 def create_app(engine: Engine, adapters: AdapterManager | None, model_name: str, *, api_key: str | None = None,
-               request_timeout: float = 600.0, limits: ServeLimits | None = None) -> FastAPI:
+               admin_key: str | None = None, request_timeout: float = 600.0,
+               limits: ServeLimits | None = None) -> FastAPI:
+    for flag, key in (("--api-key", api_key), ("--admin-key", admin_key)):
+        if key is not None and not key.strip():
+            raise ConfigError(f"{flag} is empty, which would leave the server open to anyone; give a non-empty key, "
+                              "or leave the flag out to serve without one (fine on 127.0.0.1 only)")
+    admin_key = admin_key if admin_key is not None else api_key
     limits = limits or ServeLimits()
     service = Service(engine, adapters, model_name, api_key, request_timeout, limits)
 
@@ -230,11 +241,21 @@ def create_app(engine: Engine, adapters: AdapterManager | None, model_name: str,
         finally:
             engine.stop()
 
-    app = FastAPI(title="tuneforge", lifespan=lifespan)
+    # FastAPI's own /docs and /openapi.json take no dependencies; ours below take the key.
+    app = FastAPI(title="tuneforge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.add_middleware(RequestGuard, max_body_bytes=limits.max_body_bytes)
     _install_error_handlers(app)
-    authorized = [Depends(_key_checker(api_key))]
+    authorized = [Depends(_key_checker(required=api_key is not None, keys=(api_key, admin_key)))]
+    admin_only = [Depends(_key_checker(required=admin_key is not None, keys=(admin_key,), user_key_refused=api_key))]
+
+    @app.get("/openapi.json", dependencies=authorized, include_in_schema=False)
+    def openapi_schema():
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=authorized, include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="tuneforge API")
 
     @app.get("/health")
     def health():
@@ -242,7 +263,7 @@ def create_app(engine: Engine, adapters: AdapterManager | None, model_name: str,
             raise ApiError(503, "the engine is not running", "server_error", "engine_unavailable")
         return {"status": "ok", "queue_depth": engine.scheduler.queue_depth, "running": len(engine.scheduler.running)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=authorized)
     def metrics():
         loaded = len(adapters.loaded()) if adapters is not None else 0
         return PlainTextResponse(prometheus_text(engine.stats, loaded), media_type="text/plain; version=0.0.4")
@@ -257,12 +278,12 @@ def create_app(engine: Engine, adapters: AdapterManager | None, model_name: str,
                             "root": name, "parent": model_name})
         return {"object": "list", "data": entries}
 
-    @app.post("/v1/adapters/load", dependencies=authorized)
+    @app.post("/v1/adapters/load", dependencies=admin_only)
     async def load_adapter(body: AdapterBody):
         manager = _require_manager(adapters)
         return {"status": "loaded", **await run_in_threadpool(manager.load, body.name, body.pin)}
 
-    @app.post("/v1/adapters/unload", dependencies=authorized)
+    @app.post("/v1/adapters/unload", dependencies=admin_only)
     async def unload_adapter(body: AdapterBody):
         return await run_in_threadpool(_require_manager(adapters).unload, body.name)
 
@@ -299,15 +320,25 @@ def _require_manager(adapters: AdapterManager | None) -> AdapterManager:
     return adapters
 
 
-def _key_checker(api_key: str | None):
+def _key_checker(*, required: bool, keys: tuple[str | None, ...], user_key_refused: str | None = None):
+    """A dependency that lets a request through when no key is required or when it carries one of
+    `keys`; `user_key_refused` (the API key on admin routes) gets a 403 saying what is missing
+    instead of a 401."""
+    accepted = [key.encode() for key in keys if key is not None]
+
     def check(request: Request) -> None:
-        if api_key is None:
+        if not required:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                           "invalid_request_error", "invalid_api_key")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip().encode() if scheme.lower() == "bearer" else b""
+        # compare_digest against every key, so the time taken says nothing about which one was close
+        if any([hmac.compare_digest(token, key) for key in accepted]):
+            return
+        if user_key_refused is not None and hmac.compare_digest(token, user_key_refused.encode()):
+            raise ApiError(403, "this route changes what every user is served and needs the admin key (--admin-key)",
+                           "invalid_request_error", "admin_key_required")
+        raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                       "invalid_request_error", "invalid_api_key")
 
     return check
 
