@@ -305,7 +305,7 @@ def test_an_unexpected_error_is_a_json_500_with_a_request_id_and_the_traceback_o
     assert logged and logged[0].exc_info and "secret internal detail" in str(logged[0].exc_info[1])
 
 
-# ---- 4. model-level adapters are refused, never served as the plain base -----------------------
+# ---- 4. model-level adapters: virtual tokens served per row, the others refused ---------------
 
 
 def _model_level_configs():
@@ -313,30 +313,87 @@ def _model_level_configs():
     from tuneforge.adapters.p_tuning import PTuningConfig
     from tuneforge.adapters.prefix_tuning import PrefixTuningConfig
     from tuneforge.adapters.prompt_tuning import PromptTuningConfig
-    from tuneforge.adapters.reft import LoReftConfig
+    from tuneforge.adapters.reft import DiReftConfig, LoReftConfig
 
     return {
         "prompt-tuning": PromptTuningConfig(num_virtual_tokens=4),
-        "prefix-tuning": PrefixTuningConfig(num_virtual_tokens=3),
         "p-tuning": PTuningConfig(num_virtual_tokens=3, encoder_hidden_size=8),
+        "prefix-tuning": PrefixTuningConfig(num_virtual_tokens=3),
         "adaption-prompt": AdaptionPromptConfig(adapter_len=4, adapter_layers=2),
         "loreft": LoReftConfig(layers=[0], positions="f1+l1", r=2),
+        "direft": DiReftConfig(layers="all", positions="l3", r=2),
     }
 
 
-@pytest.mark.parametrize("method", ["prompt-tuning", "prefix-tuning", "p-tuning", "adaption-prompt", "loreft"])
-def test_model_level_adapters_are_refused_naming_the_method(served, method):
+def _save_model_level(served, method: str) -> str:
     from tuneforge.adapters import add_adapter, save_adapter
 
-    model = chat_model(served.tokenizer)
-    add_adapter(model, _model_level_configs()[method], "default")
     name = f"model-level-{method}"
-    save_adapter(model, served.adapters_dir / name, "default")
+    if not (served.adapters_dir / name).exists():
+        model = chat_model(served.tokenizer)
+        torch.manual_seed(5)
+        add_adapter(model, _model_level_configs()[method], "default")
+        save_adapter(model, served.adapters_dir / name, "default")
+    return name
+
+
+@pytest.mark.parametrize("method", ["prefix-tuning", "adaption-prompt", "loreft", "direft"])
+def test_model_level_adapters_the_engine_cannot_apply_per_row_are_refused_naming_the_method(served, method):
+    name = _save_model_level(served, method)
     error = error_of(served.http.post("/v1/adapters/load", json={"name": name}), 400)
     assert method in error["message"] and error["code"] == "invalid_adapter"
     error = error_of(served.http.post("/v1/chat/completions", json={
         "model": name, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}), 400)
     assert method in error["message"]
+    assert name not in [entry["name"] for entry in served.manager.loaded()]
+
+
+def _solo_with_adapter(served, directory, prompt: str, max_tokens: int) -> str:
+    """Greedy tokens of one prompt alone, through transformers' generate with the adapter active."""
+    from tuneforge.adapters import load_adapter
+    from tuneforge.eval.generation import stop_token_ids
+
+    model = chat_model(served.tokenizer)
+    load_adapter(model, directory)
+    ids = served.tokenizer(prompt)["input_ids"]
+    stops = stop_token_ids(model, served.tokenizer)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=stops,
+                             pad_token_id=served.tokenizer.pad_token_id)
+    generated = out[0, len(ids):].tolist()
+    generated = generated[:next((i for i, t in enumerate(generated) if t in stops), len(generated))]
+    return served.tokenizer.decode(generated, skip_special_tokens=True)
+
+
+def test_prompt_tuning_and_p_tuning_are_served_per_row_beside_lora_and_the_base(served):
+    names = {method: _save_model_level(served, method) for method in ("prompt-tuning", "p-tuning")}
+    rows = [(PROMPTS[0], names["prompt-tuning"]), (PROMPTS[1], None), (PROMPTS[2], names["p-tuning"]),
+            (PROMPTS[3], "alpha"), (PROMPTS[4], names["prompt-tuning"]), (PROMPTS[5], names["p-tuning"])]
+    for name in {*names.values(), "alpha"}:  # loaded before the engine is held still
+        assert served.http.post("/v1/adapters/load", json={"name": name}).status_code == 200
+    with ThreadPoolExecutor(len(rows)) as pool:
+        with frozen(served.engine):  # four rows prefill together, two join as rows finish
+            futures = queue_in_order(served, pool, [completion(p, 10, model=m or BASE) for p, m in rows])
+        responses = [f.result() for f in futures]
+    for (prompt, name), response in zip(rows, responses):
+        assert response.status_code == 200, response.text
+        text = response.json()["choices"][0]["text"]
+        if name is None or name == "alpha":
+            assert text == expected_text(served, prompt, 10, name)
+        else:
+            assert text == _solo_with_adapter(served, served.adapters_dir / name, prompt, 10), name
+            assert text != expected_text(served, prompt, 10), "the virtual tokens must change the output"
+
+
+def test_an_engine_without_a_manager_refuses_a_hand_added_model_level_adapter(served):
+    from tuneforge.adapters import add_adapter
+    from tuneforge.serve.engine import GenerationRequest, RequestError
+
+    model = chat_model(served.tokenizer)
+    add_adapter(model, _model_level_configs()["loreft"], "reft", activate=False)
+    engine = Engine(model, served.tokenizer, max_batch_size=2)
+    with pytest.raises(RequestError, match="loreft"):
+        engine.submit(GenerationRequest((1, 2, 3), adapter="reft"))
 
 
 # ---- 6. big or many-message bodies never stall the event loop ---------------------------------

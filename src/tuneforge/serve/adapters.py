@@ -6,8 +6,9 @@ adapter_model.safetensors); its name is the subdirectory's name, restricted to l
 paths, no separators, no symlink leading out, and no file inside it a link leading out of it).
 
 Before an adapter touches the model, its folder is checked whole (`_check_before_loading`): it must
-be a per-layer method (model-level ones, such as prompt tuning or ReFT, would be served as the plain
-base and are refused), and its tensors may not include base-model weights (`...base_layer.*`), which
+be a per-layer method or one whose virtual tokens the engine prepends per row (prompt tuning,
+P-tuning); other model-level methods (prefix tuning, adaption prompts, ReFT) would be served as the
+plain base and are refused. Its tensors may not include base-model weights (`...base_layer.*`), which
 every user of the server shares. Error messages name files relative to the adapters directory, never
 by absolute path.
 
@@ -36,12 +37,24 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from tuneforge.adapters import delete_adapter, load_adapter
-from tuneforge.adapters.model import saved_module_copies, wrapped_layers
+from tuneforge.adapters.model import adapter_book, saved_module_copies, wrapped_layers
 from tuneforge.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
+from tuneforge.adapters.model_level import model_adapters
+from tuneforge.adapters.prompt_tuning import VirtualPromptAdapter
 from tuneforge.adapters.registry import get_method
 from tuneforge.errors import AdapterError, ConfigError, TuneforgeError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# Model-level methods the engine serves per row: their adapters are VirtualPromptAdapters, whose
+# vectors go in front of one row's prompt (checked again on the loaded adapter).
+VIRTUAL_TOKEN_METHODS = ("prompt-tuning", "p-tuning")
+
+
+def unservable_model_level(name: str, kind: str) -> str:
+    return (f"adapter '{name}' uses {kind}, a model-level method (prefixes in the attention cache or edits of hidden "
+            "states) that this server cannot apply to one row of a batch; it would answer as the plain base model, "
+            "so it is refused. Prompt tuning and P-tuning are served; use this one through "
+            "tuneforge.adapters.load_adapter in Python")
 
 
 class UnknownAdapterError(AdapterError):
@@ -230,13 +243,8 @@ class AdapterManager:
         a per-layer method, no base-model weights among the tensors."""
         self._check_no_links_out(name, path)
         config = read_adapter_config(path)
-        if get_method(config.method).attach is not None:
-            raise AdapterError(
-                f"adapter '{name}' uses {config.method}, a model-level method (virtual tokens, prefixes or edits "
-                "of hidden states) that this server cannot apply per request; it would answer as the plain base "
-                "model, so it is refused. Use it through tuneforge.adapters.load_adapter in Python, or serve a "
-                "per-layer adapter (LoRA and the like)"
-            )
+        if get_method(config.method).attach is not None and config.method not in VIRTUAL_TOKEN_METHODS:
+            raise AdapterError(unservable_model_level(name, config.method))
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             raise AdapterError(f"adapter '{name}' has no {WEIGHTS_FILE}")
@@ -281,6 +289,9 @@ class AdapterManager:
             raise kind(message) from None
 
     def _check_servable(self, name: str) -> None:
+        model_level = dict(model_adapters(self.model)).get(name)
+        if model_level is not None and not isinstance(model_level, VirtualPromptAdapter):
+            raise AdapterError(unservable_model_level(name, adapter_book(self.model).configs[name].method))
         if any(name in copies.modules_to_save for _, copies in saved_module_copies(self.model)):
             raise AdapterError(f"adapter '{name}' replaces whole modules (modules_to_save), which cannot differ per "
                                "batch row; serve it merged (tuneforge merge) instead")

@@ -11,6 +11,12 @@ The engine knows nothing of HTTP. It runs `step` in its own thread after `start(
 caller's thread through `generate(...)` (tests, benchmarks, the terminal chat). Each row's adapter
 reaches the model through `AdaptedLayer.row_adapters`, where LoRA deltas for the whole batch are
 computed at once; the model itself runs once per step whatever the mix of adapters.
+
+Prompt tuning and P-tuning adapters (virtual tokens, `VirtualPromptAdapter`) are served per row as
+well: at the prefill a row's learned prompt vectors go in front of its token embeddings, at positions
+0..v-1, as the adapter itself does; its KV slot then holds them and later steps just count them.
+Other model-level methods (prefix tuning, adaption prompts, ReFT) cannot be applied per row and are
+refused (`unservable_model_level`).
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tuneforge.adapters.model import adapter_names, wrapped_layers
+from tuneforge.adapters.model import adapter_book, adapter_names, wrapped_layers
+from tuneforge.adapters.model_level import model_adapters
+from tuneforge.adapters.prompt_tuning import VirtualPromptAdapter
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.models.cache_keyword import cache_keyword
 from tuneforge.eval.generation import stop_token_ids
+from tuneforge.serve.adapters import unservable_model_level
 from tuneforge.serve.kv_cache import SlotKVCache, decode_mask, prefill_mask
 from tuneforge.serve.metrics import EngineStats
 from tuneforge.serve.sampling import NonFiniteLogitsError, SamplingParams, choose_token, find_stop, streamable_length
@@ -148,8 +157,10 @@ class RequestHandle:
 class _Sequence:
     """A running request's generation state; its index in the running list is its KV slot."""
 
-    def __init__(self, handle: RequestHandle, device: torch.device):
+    def __init__(self, handle: RequestHandle, device: torch.device, virtual_prompt: VirtualPromptAdapter | None = None):
         self.handle = handle
+        self.virtual_prompt = virtual_prompt  # its vectors go in front of the prompt at the prefill
+        self.virtual = virtual_prompt.num_virtual_tokens if virtual_prompt is not None else 0
         self.params = handle.request.params
         self.generator = self.params.make_generator(device)
         self.token_ids = list(handle.request.prompt_ids)
@@ -164,8 +175,9 @@ class _Sequence:
 
     @property
     def cached_length(self) -> int:
-        """Positions held in the KV cache: every token except the last, which the next step feeds."""
-        return len(self.token_ids) - 1
+        """Positions held in the KV cache: the virtual tokens, then every token except the last,
+        which the next step feeds."""
+        return self.virtual + len(self.token_ids) - 1
 
     def accept(self, token: int, logprob: float | None, tokenizer, stop_ids: set[int], max_length: int) -> None:
         if token in stop_ids and not self.params.ignore_eos:  # the end-of-turn token ends the reply, not part of it
@@ -182,7 +194,7 @@ class _Sequence:
         if cut is not None:
             self.text = self.text[:cut]
             self._finish("stop")
-        elif len(self.generated) >= self.params.max_tokens or len(self.token_ids) >= max_length:
+        elif len(self.generated) >= self.params.max_tokens or self.virtual + len(self.token_ids) >= max_length:
             self._finish("length")
         else:
             self._publish(streamable_length(self.text, self.params.stop), finish_reason=None)
@@ -275,12 +287,29 @@ class Engine:
                                           f"(it has {adapter_names(self.model) or 'none'})")
         handle = RequestHandle(next(self._ids), request, on_delta)
         try:
-            self.scheduler.enqueue(_Sequence(handle, self.device))
+            virtual_prompt = self._virtual_prompt(request)
+            self.scheduler.enqueue(_Sequence(handle, self.device, virtual_prompt))
         except BaseException:
             self._release(request)
             raise
         self._wakeup.set()
         return handle
+
+    def _virtual_prompt(self, request: GenerationRequest) -> VirtualPromptAdapter | None:
+        """The request's prompt-tuning-style adapter, if it has one; refuses model-level adapters
+        that cannot be applied to one row of a batch."""
+        adapter = dict(model_adapters(self.model)).get(request.adapter) if request.adapter else None
+        if adapter is None:
+            return None
+        if not isinstance(adapter, VirtualPromptAdapter):
+            raise RequestError(unservable_model_level(request.adapter, adapter_book(self.model).configs[request.adapter].method))
+        total = len(request.prompt_ids) + adapter.num_virtual_tokens + request.params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"prompt ({len(request.prompt_ids)} tokens) + the adapter's {adapter.num_virtual_tokens} virtual tokens "
+                f"+ max_tokens ({request.params.max_tokens}) exceeds the model's context of {self.max_model_len} tokens"
+            )
+        return adapter
 
     def _check(self, request: GenerationRequest) -> None:
         ids = request.prompt_ids
@@ -371,15 +400,16 @@ class Engine:
         here rather than assumed (a slot holding another user's cache would leak that user's prompt)."""
         slot_of = {id(sequence): slot for slot, sequence in enumerate(self.scheduler.running)}
         slots = [slot_of[id(sequence)] for sequence in admitted]
-        lengths = torch.tensor([len(s.token_ids) for s in admitted], device=self.device)  # (n,)
+        lengths = torch.tensor([s.virtual + len(s.token_ids) for s in admitted], device=self.device)  # (n,)
         padded = int(lengths.max())
-        input_ids = torch.full((len(admitted), padded), self.pad_id, dtype=torch.long, device=self.device)
+        longest_prompt = max(len(s.token_ids) for s in admitted)
+        input_ids = torch.full((len(admitted), longest_prompt), self.pad_id, dtype=torch.long, device=self.device)
         for row, sequence in enumerate(admitted):
             input_ids[row, : len(sequence.token_ids)] = torch.tensor(sequence.token_ids, device=self.device)
         positions = torch.arange(padded, device=self.device).expand(len(admitted), padded)  # (n, T)
         self.cache.plan_prefill(slots, padded)
         mask = prefill_mask(lengths, padded, self.cache.dtype)
-        hidden = self._run(admitted, input_ids, positions, mask)  # (n, T, d)
+        hidden = self._run(admitted, input_ids, positions, mask, with_virtual_tokens=True)  # (n, T, d)
         last = hidden[torch.arange(len(admitted), device=self.device), lengths - 1]  # (n, d)
         self._sample(admitted, last)
 
@@ -401,19 +431,36 @@ class Engine:
         hidden = self._run(running, input_ids, positions[:, None], mask)  # (B, 1, d)
         self._sample(running, hidden[:, -1])
 
-    def _run(self, sequences: list[_Sequence], input_ids, position_ids, mask) -> torch.Tensor:
+    def _run(self, sequences: list[_Sequence], input_ids, position_ids, mask,
+             with_virtual_tokens: bool = False) -> torch.Tensor:
         row_names = tuple(s.handle.request.adapter for s in sequences)
         layers = self._adapted_layers()
         for layer in layers:
             layer.row_adapters = row_names
         try:
             with torch.inference_mode():
-                output = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                inputs = {"input_ids": input_ids}
+                if with_virtual_tokens and any(s.virtual for s in sequences):
+                    inputs = {"inputs_embeds": self._embeddings_with_virtual_tokens(sequences, input_ids,
+                                                                                   position_ids.shape[1])}
+                output = self.decoder(**inputs, attention_mask=mask, position_ids=position_ids,
                                       use_cache=True, **{self._cache_keyword: self.cache})
         finally:
             for layer in layers:
                 layer.row_adapters = None
         return output.last_hidden_state
+
+    def _embeddings_with_virtual_tokens(self, sequences: list[_Sequence], input_ids, padded: int) -> torch.Tensor:
+        """Each row's embeddings (n, T, d): its virtual prompt vectors (if any), then its tokens', then
+        zeros up to T (padding no query attends to). Embedding the ids runs with the row adapters set,
+        so an embedding LoRA of another row still applies."""
+        embedded = self.decoder.get_input_embeddings()(input_ids)  # (n, L, d)
+        rows = torch.zeros(len(sequences), padded, embedded.shape[-1], dtype=embedded.dtype, device=embedded.device)
+        for row, sequence in enumerate(sequences):
+            if sequence.virtual:
+                rows[row, : sequence.virtual] = sequence.virtual_prompt.prompt().to(embedded.dtype)
+            rows[row, sequence.virtual: sequence.virtual + len(sequence.token_ids)] = embedded[row, : len(sequence.token_ids)]
+        return rows
 
     def _adapted_layers(self) -> list:
         """The model's AdaptedLayers; with an adapter manager, listed again only after it changed them
