@@ -255,8 +255,9 @@ class AdapterManager:
             raise AdapterError(f"adapter '{name}': {WEIGHTS_FILE} is corrupt or truncated ({exc})") from None
         base = sorted(key for key in keys if ".base_layer." in key)
         if base:
+            more = f" and {len(base) - 1} more" if len(base) > 1 else ""
             raise AdapterError(
-                f"adapter '{name}' holds base-model weights ('{base[0]}'{f' and {len(base) - 1} more' if len(base) > 1 else ''}); "
+                f"adapter '{name}' holds base-model weights ('{base[0]}'{more}); "
                 "a served adapter may not replace the base weights every user shares. Remove those tensors, "
                 "or merge the adapter into a new base (tuneforge merge) and serve that"
             )

@@ -302,7 +302,8 @@ class Engine:
         if adapter is None:
             return None
         if not isinstance(adapter, VirtualPromptAdapter):
-            raise RequestError(unservable_model_level(request.adapter, adapter_book(self.model).configs[request.adapter].method))
+            method = adapter_book(self.model).configs[request.adapter].method
+            raise RequestError(unservable_model_level(request.adapter, method))
         total = len(request.prompt_ids) + adapter.num_virtual_tokens + request.params.max_tokens
         if total > self.max_model_len:
             raise RequestError(
@@ -459,7 +460,8 @@ class Engine:
         for row, sequence in enumerate(sequences):
             if sequence.virtual:
                 rows[row, : sequence.virtual] = sequence.virtual_prompt.prompt().to(embedded.dtype)
-            rows[row, sequence.virtual: sequence.virtual + len(sequence.token_ids)] = embedded[row, : len(sequence.token_ids)]
+            length = len(sequence.token_ids)
+            rows[row, sequence.virtual: sequence.virtual + length] = embedded[row, :length]
         return rows
 
     def _adapted_layers(self) -> list:
