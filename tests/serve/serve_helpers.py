@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
+import time
+
 import torch
+import uvicorn
 from tiny_models import build_tiny_tokenizer, CHATML_TEMPLATE, perturb_trainable, tiny_llama
 
 from tuneforge.adapters import LoraConfig, add_adapter, load_adapter, merge_and_unload, save_adapter
@@ -53,3 +59,23 @@ def reference_tokens(tokenizer, prompt_ids, max_tokens: int, adapter_dir=None) -
     generated = out[0, len(prompt_ids):].tolist()
     end = next((i for i, t in enumerate(generated) if t in stops), len(generated))
     return generated[:end]
+
+
+@contextlib.contextmanager
+def loopback_server(app):
+    """Run `app` under uvicorn on a free loopback port in a daemon thread; yields its base URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

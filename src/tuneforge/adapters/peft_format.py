@@ -261,12 +261,13 @@ def fill_adapter_weights(model: nn.Module, name: str, tensors: dict[str, torch.T
             _load_module_copy(copies.modules_to_save[name], own, where, path)
     load_model_adapter_tensors(model, name, remaining, path)
     _load_shared_tensors(model, name, remaining, path)
-    _load_base_layer_overrides(model, remaining, path)
+    overrides = _checked_base_layer_overrides(model, remaining, path)  # checked before any base weight changes
     if remaining:
         raise AdapterError(
             f"{path}: tensors {sorted(remaining)[:5]} match no adapted module of this model; "
             "the adapter was made for a different base model or target_modules"
         )
+    _write_base_layer_overrides(overrides, path)
 
 
 def _load_shared_tensors(model: nn.Module, name: str, remaining: dict[str, torch.Tensor], path: Path) -> None:
@@ -295,16 +296,29 @@ def _load_module_copy(module: nn.Module, tensors: dict[str, torch.Tensor], where
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items() if k in own})
 
 
-def _load_base_layer_overrides(model: nn.Module, remaining: dict[str, torch.Tensor], path: Path) -> None:
-    """PEFT saves whole embedding matrices beside an embedding LoRA (``...base_layer.weight``); honour them."""
+def _checked_base_layer_overrides(model: nn.Module, remaining: dict[str, torch.Tensor],
+                                  path: Path) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """PEFT saves whole embedding matrices beside an embedding LoRA (``...base_layer.weight``); take
+    them out of `remaining` and check every one (the module and weight exist, shapes agree) before
+    any is written, so a bad file never leaves the base half-overwritten."""
+    overrides = []
     for key in [k for k in remaining if ".base_layer." in k]:
         module_path, _, leaf = key[len(PREFIX):].rpartition(".")
-        target = model.get_submodule(module_path)
-        current = getattr(target, leaf)
-        if current.shape != remaining[key].shape:
-            raise AdapterError(f"{path}: '{key}' has shape {tuple(remaining[key].shape)}, model has {tuple(current.shape)}")
-        if not torch.equal(current.detach().cpu(), remaining[key].to(current.dtype)):
-            warnings.warn(f"{path}: replacing base weights '{module_path}.{leaf}' with the copy stored in the adapter")
+        try:
+            current = getattr(model.get_submodule(module_path), leaf)
+        except AttributeError:
+            raise AdapterError(f"{path}: '{key}' names base weights this model does not have at that path "
+                               "(no adapter wraps that module); the adapter was made for another base model") from None
+        if not isinstance(current, torch.Tensor) or current.shape != remaining[key].shape:
+            found = tuple(current.shape) if isinstance(current, torch.Tensor) else type(current).__name__
+            raise AdapterError(f"{path}: '{key}' has shape {tuple(remaining[key].shape)}, model has {found}")
+        overrides.append((key, current, remaining.pop(key)))
+    return overrides
+
+
+def _write_base_layer_overrides(overrides: list[tuple[str, torch.Tensor, torch.Tensor]], path: Path) -> None:
+    for key, current, stored in overrides:
+        if not torch.equal(current.detach().cpu(), stored.to(current.dtype)):
+            warnings.warn(f"{path}: replacing base weights '{key[len(PREFIX):]}' with the copy stored in the adapter")
             with torch.no_grad():
-                current.copy_(remaining[key])
-        del remaining[key]
+                current.copy_(stored)

@@ -3,7 +3,14 @@
 An adapter is a subdirectory of `adapters_dir` in PEFT format (adapter_config.json +
 adapter_model.safetensors); its name is the subdirectory's name, restricted to letters, digits,
 '_' and '-', and resolved so that it can never point outside the directory (no '..', no absolute
-paths, no separators, no symlink leading out).
+paths, no separators, no symlink leading out, and no file inside it a link leading out of it).
+
+Before an adapter touches the model, its folder is checked whole (`_check_before_loading`): it must
+be a per-layer method or one whose virtual tokens the engine prepends per row (prompt tuning,
+P-tuning); other model-level methods (prefix tuning, adaption prompts, ReFT) would be served as the
+plain base and are refused. Its tensors may not include base-model weights (`...base_layer.*`), which
+every user of the server shares. Error messages name files relative to the adapters directory, never
+by absolute path.
 
 Lifecycle of a loaded adapter:
 
@@ -18,6 +25,7 @@ already loaded never wait for a step. Lock order: model_lock, then the bookkeepi
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -25,14 +33,28 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from tuneforge.adapters import delete_adapter, load_adapter
-from tuneforge.adapters.model import saved_module_copies, wrapped_layers
-from tuneforge.adapters.peft_format import CONFIG_FILE
+from tuneforge.adapters.model import adapter_book, saved_module_copies, wrapped_layers
+from tuneforge.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
+from tuneforge.adapters.model_level import model_adapters
+from tuneforge.adapters.prompt_tuning import VirtualPromptAdapter
+from tuneforge.adapters.registry import get_method
 from tuneforge.errors import AdapterError, ConfigError, TuneforgeError
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# Model-level methods the engine serves per row: their adapters are VirtualPromptAdapters, whose
+# vectors go in front of one row's prompt (checked again on the loaded adapter).
+VIRTUAL_TOKEN_METHODS = ("prompt-tuning", "p-tuning")
+
+
+def unservable_model_level(name: str, kind: str) -> str:
+    return (f"adapter '{name}' uses {kind}, a model-level method (prefixes in the attention cache or edits of hidden "
+            "states) that this server cannot apply to one row of a batch; it would answer as the plain base model, "
+            "so it is refused. Prompt tuning and P-tuning are served; use this one through "
+            "tuneforge.adapters.load_adapter in Python")
 
 
 class UnknownAdapterError(AdapterError):
@@ -180,8 +202,8 @@ class AdapterManager:
             raise UnknownAdapterError(f"unknown model '{name}': this server has no adapters directory")
         path = self.directory / name
         if not path.is_dir() or not (path / CONFIG_FILE).is_file():
-            raise UnknownAdapterError(f"unknown model '{name}': no adapter folder {path} with {CONFIG_FILE}; "
-                                      f"available adapters: {self.available() or 'none'}")
+            raise UnknownAdapterError(f"unknown model '{name}': the adapters directory has no folder '{name}' "
+                                      f"with {CONFIG_FILE}; available adapters: {self.available() or 'none'}")
         if not self._inside(path):
             raise InvalidAdapterNameError(f"adapter '{name}' is a link that leads outside the adapters directory; refusing it")
         return path
@@ -202,9 +224,12 @@ class AdapterManager:
 
     def _load(self, name: str) -> None:
         path = self.adapter_path(name)
+        with self._public_errors(path):
+            self._check_before_loading(name, path)
         self._make_room()
         self.version += 1
-        config = load_adapter(self.model, path, name=name, activate=False)
+        with self._public_errors(path):
+            config = load_adapter(self.model, path, name=name, activate=False)
         try:
             self._check_servable(name)
         except AdapterError:
@@ -213,7 +238,61 @@ class AdapterManager:
         with self._lock:
             self._loaded[name] = _Loaded(name, config.method, last_used=next(self._clock))
 
+    def _check_before_loading(self, name: str, path: Path) -> None:
+        """Everything that can be checked without touching the model: no file links out of the folder,
+        a per-layer method, no base-model weights among the tensors."""
+        self._check_no_links_out(name, path)
+        config = read_adapter_config(path)
+        if get_method(config.method).attach is not None and config.method not in VIRTUAL_TOKEN_METHODS:
+            raise AdapterError(unservable_model_level(name, config.method))
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            raise AdapterError(f"adapter '{name}' has no {WEIGHTS_FILE}")
+        try:
+            with safe_open(str(weights), framework="pt") as stored:  # reads the header only
+                keys = list(stored.keys())
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterError(f"adapter '{name}': {WEIGHTS_FILE} is corrupt or truncated ({exc})") from None
+        base = sorted(key for key in keys if ".base_layer." in key)
+        if base:
+            more = f" and {len(base) - 1} more" if len(base) > 1 else ""
+            raise AdapterError(
+                f"adapter '{name}' holds base-model weights ('{base[0]}'{more}); "
+                "a served adapter may not replace the base weights every user shares. Remove those tensors, "
+                "or merge the adapter into a new base (tuneforge merge) and serve that"
+            )
+
+    def _check_no_links_out(self, name: str, path: Path) -> None:
+        root = path.resolve()
+        for folder, subfolders, files in os.walk(path):
+            for entry in subfolders + files:
+                target = Path(folder, entry)
+                if not target.resolve().is_relative_to(root):
+                    inside = target.relative_to(path).as_posix()
+                    raise InvalidAdapterNameError(
+                        f"adapter '{name}': '{inside}' is a link that leads outside the adapter's folder; refusing it")
+
+    @contextlib.contextmanager
+    def _public_errors(self, path: Path):
+        """Adapter errors as clients see them: files named inside the adapters directory, never by
+        absolute path (the server's layout is nobody's business)."""
+        try:
+            yield
+        except TuneforgeError as error:
+            message = str(error)
+            for absolute in {str(path.resolve()), str(path.absolute()), str(path)}:
+                message = message.replace(absolute, f"<adapters-dir>/{path.name}")
+            for absolute in {str(self.directory.resolve()), str(self.directory.absolute()), str(self.directory)}:
+                message = message.replace(absolute, "<adapters-dir>")
+            if message == str(error):
+                raise
+            kind = type(error) if isinstance(error, AdapterError) else AdapterError  # keeps its HTTP status
+            raise kind(message) from None
+
     def _check_servable(self, name: str) -> None:
+        model_level = dict(model_adapters(self.model)).get(name)
+        if model_level is not None and not isinstance(model_level, VirtualPromptAdapter):
+            raise AdapterError(unservable_model_level(name, adapter_book(self.model).configs[name].method))
         if any(name in copies.modules_to_save for _, copies in saved_module_copies(self.model)):
             raise AdapterError(f"adapter '{name}' replaces whole modules (modules_to_save), which cannot differ per "
                                "batch row; serve it merged (tuneforge merge) instead")

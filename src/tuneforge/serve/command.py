@@ -18,9 +18,11 @@ from tuneforge.errors import ConfigError
 from tuneforge.models import DTYPE_CHOICES, load_model
 from tuneforge.models.placement import parse_device
 from tuneforge.quant.presets import QUANTIZE_CHOICES, quantization_settings
+from tuneforge.serve.guard import CHARS_PER_TOKEN_BOUND, ServeLimits
 
 DEFAULT_MODEL = "smollm2-135m"
 API_KEY_VARIABLE = "TUNEFORGE_API_KEY"
+ADMIN_KEY_VARIABLE = "TUNEFORGE_ADMIN_KEY"
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +32,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
-                        help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_VARIABLE} if set)")
+                        help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_VARIABLE} if set)")
+    parser.add_argument("--admin-key", default=None, metavar="KEY",
+                        help=f"key for the adapter load/unload/pin routes (default: ${ADMIN_KEY_VARIABLE}, else the API key)")
+    parser.add_argument("--max-body-bytes", type=int, default=ServeLimits.max_body_bytes, metavar="N",
+                        help=f"largest request body; larger ones get 413 (default {ServeLimits.max_body_bytes})")
+    parser.add_argument("--max-messages", type=int, default=ServeLimits.max_messages, metavar="N",
+                        help=f"most messages in one chat request (default {ServeLimits.max_messages})")
+    parser.add_argument("--max-prompt-chars", type=int, default=None, metavar="N",
+                        help=f"longest prompt in characters, refused before rendering (default {CHARS_PER_TOKEN_BOUND} x --max-model-len)")
     parser.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="most requests decoded together (default 8)")
     parser.add_argument("--max-loaded-adapters", type=int, default=8, metavar="N", help="adapters kept in memory, LRU (default 8)")
     parser.add_argument("--max-queue", type=int, default=64, metavar="N", help="most requests waiting; beyond it the API answers 429 (default 64)")
@@ -43,10 +53,30 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "bfloat16 on GPU)")
 
 
+def serve_keys(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(API key, admin key) from the flags, else the environment; an empty one is an error, never
+    'no key' (it used to turn authentication off without a word)."""
+    keys = []
+    for flag, value, variable in (("--api-key", args.api_key, API_KEY_VARIABLE),
+                                  ("--admin-key", args.admin_key, ADMIN_KEY_VARIABLE)):
+        source = flag
+        if value is None and variable in os.environ:
+            value, source = os.environ[variable], f"${variable}"
+        if value is not None and not value.strip():
+            raise ConfigError(f"{source} is empty, which would leave the server open to anyone; give a non-empty "
+                              f"key, or {'unset it' if source.startswith('$') else 'leave the flag out'} to serve "
+                              "without one (fine on 127.0.0.1 only)")
+        keys.append(value)
+    return keys[0], keys[1]
+
+
 def check_serve_arguments(args: argparse.Namespace) -> None:
-    for flag in ("max_batch_size", "max_loaded_adapters", "max_queue"):
+    serve_keys(args)
+    for flag in ("max_batch_size", "max_loaded_adapters", "max_queue", "max_body_bytes", "max_messages"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be a positive integer")
+    if args.max_prompt_chars is not None and args.max_prompt_chars < 1:
+        raise ConfigError(f"--max-prompt-chars {args.max_prompt_chars} must be a positive integer")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ConfigError(f"--max-model-len {args.max_model_len} must be at least 2")
     if not 0 < args.port < 65536:
@@ -69,9 +99,11 @@ def build_app(args: argparse.Namespace):
     manager = AdapterManager(loaded.model, args.adapters_dir, args.max_loaded_adapters) if args.adapters_dir else None
     engine = Engine(loaded.model, loaded.tokenizer, adapters=manager, max_batch_size=args.max_batch_size,
                     max_queue=args.max_queue, max_model_len=args.max_model_len)
-    api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
-    return create_app(engine, manager, args.served_model_name or args.model, api_key=api_key,
-                      request_timeout=args.request_timeout)
+    api_key, admin_key = serve_keys(args)
+    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
+                         max_prompt_chars=args.max_prompt_chars)
+    return create_app(engine, manager, args.served_model_name or args.model, api_key=api_key, admin_key=admin_key,
+                      request_timeout=args.request_timeout, limits=limits)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -3,17 +3,26 @@
     submit(request) -> handle          (any thread; bounded queue, adapter acquired up front)
     step():  admit waiting requests -> prefill them together -> decode every running row once
              -> finished rows leave, their KV slots are refilled by the last row
+    a row that fails (non-finite logits, an exception in its own handling) ends alone with
+    GenerationFailedError; only a failed batched forward fails the rows that shared it
     handle.result() / handle.deltas()  (blocking) or an `on_delta` callback (streaming)
 
 The engine knows nothing of HTTP. It runs `step` in its own thread after `start()`, or in the
 caller's thread through `generate(...)` (tests, benchmarks, the terminal chat). Each row's adapter
 reaches the model through `AdaptedLayer.row_adapters`, where LoRA deltas for the whole batch are
 computed at once; the model itself runs once per step whatever the mix of adapters.
+
+Prompt tuning and P-tuning adapters (virtual tokens, `VirtualPromptAdapter`) are served per row as
+well: at the prefill a row's learned prompt vectors go in front of its token embeddings, at positions
+0..v-1, as the adapter itself does; its KV slot then holds them and later steps just count them.
+Other model-level methods (prefix tuning, adaption prompts, ReFT) cannot be applied per row and are
+refused (`unservable_model_level`).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -23,16 +32,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tuneforge.adapters.model import adapter_names, wrapped_layers
+from tuneforge.adapters.model import adapter_book, adapter_names, wrapped_layers
+from tuneforge.adapters.model_level import model_adapters
+from tuneforge.adapters.prompt_tuning import VirtualPromptAdapter
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.models.cache_keyword import cache_keyword
 from tuneforge.eval.generation import stop_token_ids
+from tuneforge.serve.adapters import unservable_model_level
 from tuneforge.serve.kv_cache import SlotKVCache, decode_mask, prefill_mask
 from tuneforge.serve.metrics import EngineStats
-from tuneforge.serve.sampling import SamplingParams, choose_tokens, find_stop, streamable_length
+from tuneforge.serve.sampling import NonFiniteLogitsError, SamplingParams, choose_token, find_stop, streamable_length
 from tuneforge.serve.scheduler import Scheduler
 
 DEFAULT_MAX_MODEL_LEN = 2048
+log = logging.getLogger(__name__)
 
 
 class RequestError(TuneforgeError, ValueError):
@@ -45,6 +58,10 @@ class EngineTimeoutError(TuneforgeError):
 
 class EngineStoppedError(TuneforgeError):
     """The engine shut down (or failed) before the request finished."""
+
+
+class GenerationFailedError(TuneforgeError):
+    """This request's generation failed (its own row only); the message holds no internals."""
 
 
 @dataclass(frozen=True)
@@ -140,8 +157,10 @@ class RequestHandle:
 class _Sequence:
     """A running request's generation state; its index in the running list is its KV slot."""
 
-    def __init__(self, handle: RequestHandle, device: torch.device):
+    def __init__(self, handle: RequestHandle, device: torch.device, virtual_prompt: VirtualPromptAdapter | None = None):
         self.handle = handle
+        self.virtual_prompt = virtual_prompt  # its vectors go in front of the prompt at the prefill
+        self.virtual = virtual_prompt.num_virtual_tokens if virtual_prompt is not None else 0
         self.params = handle.request.params
         self.generator = self.params.make_generator(device)
         self.token_ids = list(handle.request.prompt_ids)
@@ -152,11 +171,13 @@ class _Sequence:
         self._unsent_tokens: list[int] = []
         self._unsent_logprobs: list[float] = []
         self.finish_reason: str | None = None
+        self.error: GenerationFailedError | None = None
 
     @property
     def cached_length(self) -> int:
-        """Positions held in the KV cache: every token except the last, which the next step feeds."""
-        return len(self.token_ids) - 1
+        """Positions held in the KV cache: the virtual tokens, then every token except the last,
+        which the next step feeds."""
+        return self.virtual + len(self.token_ids) - 1
 
     def accept(self, token: int, logprob: float | None, tokenizer, stop_ids: set[int], max_length: int) -> None:
         if token in stop_ids and not self.params.ignore_eos:  # the end-of-turn token ends the reply, not part of it
@@ -173,7 +194,7 @@ class _Sequence:
         if cut is not None:
             self.text = self.text[:cut]
             self._finish("stop")
-        elif len(self.generated) >= self.params.max_tokens or len(self.token_ids) >= max_length:
+        elif len(self.generated) >= self.params.max_tokens or self.virtual + len(self.token_ids) >= max_length:
             self._finish("length")
         else:
             self._publish(streamable_length(self.text, self.params.stop), finish_reason=None)
@@ -182,6 +203,22 @@ class _Sequence:
         """Record the end; the last delta goes out with the result (`Engine._complete`), so whoever
         sees a finish reason can read the result at once."""
         self.finish_reason = reason
+
+    def fail(self, error: BaseException, stage: str) -> None:
+        """End this request with an error of its own; the server log keeps the details."""
+        request_id = self.handle.id
+        if isinstance(error, NonFiniteLogitsError):
+            adapter = self.handle.request.adapter
+            hint = f"; adapter '{adapter}' may hold NaN or infinite weights" if adapter else ""
+            message = (f"generation failed: the model produced non-finite logits (NaN or infinity) during {stage} "
+                       f"after {len(self.generated)} token(s){hint}")
+            log.warning("request %d: %s", request_id, message)
+        else:
+            message = (f"generation failed during {stage}: an internal error (the server log has it under "
+                       f"request {request_id}); other requests were not affected")
+            log.error("request %d failed during %s", request_id, stage, exc_info=error)
+        self.error = GenerationFailedError(message)
+        self.finish_reason = "error"
 
     def _publish(self, end: int, finish_reason: str | None) -> None:
         self.handle._publish(self._take_delta(end, finish_reason))
@@ -250,12 +287,30 @@ class Engine:
                                           f"(it has {adapter_names(self.model) or 'none'})")
         handle = RequestHandle(next(self._ids), request, on_delta)
         try:
-            self.scheduler.enqueue(_Sequence(handle, self.device))
+            virtual_prompt = self._virtual_prompt(request)
+            self.scheduler.enqueue(_Sequence(handle, self.device, virtual_prompt))
         except BaseException:
             self._release(request)
             raise
         self._wakeup.set()
         return handle
+
+    def _virtual_prompt(self, request: GenerationRequest) -> VirtualPromptAdapter | None:
+        """The request's prompt-tuning-style adapter, if it has one; refuses model-level adapters
+        that cannot be applied to one row of a batch."""
+        adapter = dict(model_adapters(self.model)).get(request.adapter) if request.adapter else None
+        if adapter is None:
+            return None
+        if not isinstance(adapter, VirtualPromptAdapter):
+            method = adapter_book(self.model).configs[request.adapter].method
+            raise RequestError(unservable_model_level(request.adapter, method))
+        total = len(request.prompt_ids) + adapter.num_virtual_tokens + request.params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"prompt ({len(request.prompt_ids)} tokens) + the adapter's {adapter.num_virtual_tokens} virtual tokens "
+                f"+ max_tokens ({request.params.max_tokens}) exceeds the model's context of {self.max_model_len} tokens"
+            )
+        return adapter
 
     def _check(self, request: GenerationRequest) -> None:
         ids = request.prompt_ids
@@ -328,40 +383,48 @@ class Engine:
     def step(self) -> bool:
         """One scheduling iteration; returns False when there was nothing to do."""
         with self.lock:
-            self._drop_cancelled()
+            self._drop_cancelled()  # from the queue too: a request cancelled while waiting is never admitted
             admitted = self.scheduler.admit()
-            for sequence in admitted:
-                if sequence.handle.cancelled:  # cancelled while it waited: never prefill it
-                    sequence._finish("cancelled")
-            self._retire_finished()  # admitted rows stay at the tail, so they prefill as one block
-            admitted = [s for s in admitted if s.finish_reason is None]
             if admitted:
-                self._prefill(admitted)
+                self._isolated(self._prefill, admitted, "prefill")  # a failed prefill fails only the new rows
                 self._retire_finished()
             decoded = bool(self.scheduler.running)
             if decoded:
-                self._decode()
+                self._isolated(self._decode, list(self.scheduler.running), "decoding")
                 self._retire_finished()
             self.stats.set_load(self.scheduler.queue_depth, len(self.scheduler.running))
         return bool(admitted) or decoded
 
     def _prefill(self, admitted: list[_Sequence]) -> None:
-        """Run the new prompts together (right-padded); each row's last real position gives its first token."""
-        first_slot = len(self.scheduler.running) - len(admitted)
-        lengths = torch.tensor([len(s.token_ids) for s in admitted], device=self.device)  # (n,)
+        """Run the new prompts together (right-padded); each row's last real position gives its first token.
+        Each prompt's keys and values go to the slot its request holds in the running list, looked up
+        here rather than assumed (a slot holding another user's cache would leak that user's prompt)."""
+        slot_of = {id(sequence): slot for slot, sequence in enumerate(self.scheduler.running)}
+        slots = [slot_of[id(sequence)] for sequence in admitted]
+        lengths = torch.tensor([s.virtual + len(s.token_ids) for s in admitted], device=self.device)  # (n,)
         padded = int(lengths.max())
-        input_ids = torch.full((len(admitted), padded), self.pad_id, dtype=torch.long, device=self.device)
+        longest_prompt = max(len(s.token_ids) for s in admitted)
+        input_ids = torch.full((len(admitted), longest_prompt), self.pad_id, dtype=torch.long, device=self.device)
         for row, sequence in enumerate(admitted):
             input_ids[row, : len(sequence.token_ids)] = torch.tensor(sequence.token_ids, device=self.device)
         positions = torch.arange(padded, device=self.device).expand(len(admitted), padded)  # (n, T)
-        self.cache.plan_prefill(first_slot, len(admitted), padded)
+        self.cache.plan_prefill(slots, padded)
         mask = prefill_mask(lengths, padded, self.cache.dtype)
-        hidden = self._run(admitted, input_ids, positions, mask)  # (n, T, d)
+        hidden = self._run(admitted, input_ids, positions, mask, with_virtual_tokens=True)  # (n, T, d)
         last = hidden[torch.arange(len(admitted), device=self.device), lengths - 1]  # (n, d)
         self._sample(admitted, last)
 
-    def _decode(self) -> None:
-        running = self.scheduler.running
+    def _isolated(self, stage, rows: list[_Sequence], name: str) -> None:
+        """Run one batched forward; if it raises, the rows it was computing fail, nobody else
+        (per-row faults are caught inside `_sample`, so this is for the forward itself)."""
+        try:
+            stage(rows)
+        except Exception as error:
+            for sequence in rows:
+                if sequence.finish_reason is None:
+                    sequence.fail(error, name)
+
+    def _decode(self, running: list[_Sequence]) -> None:
         input_ids = torch.tensor([[s.token_ids[-1]] for s in running], device=self.device)  # (B, 1)
         positions = torch.tensor([s.cached_length for s in running], device=self.device)  # (B,)
         self.cache.plan_decode(positions)
@@ -369,19 +432,37 @@ class Engine:
         hidden = self._run(running, input_ids, positions[:, None], mask)  # (B, 1, d)
         self._sample(running, hidden[:, -1])
 
-    def _run(self, sequences: list[_Sequence], input_ids, position_ids, mask) -> torch.Tensor:
+    def _run(self, sequences: list[_Sequence], input_ids, position_ids, mask,
+             with_virtual_tokens: bool = False) -> torch.Tensor:
         row_names = tuple(s.handle.request.adapter for s in sequences)
         layers = self._adapted_layers()
         for layer in layers:
             layer.row_adapters = row_names
         try:
             with torch.inference_mode():
-                output = self.decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                inputs = {"input_ids": input_ids}
+                if with_virtual_tokens and any(s.virtual for s in sequences):
+                    inputs = {"inputs_embeds": self._embeddings_with_virtual_tokens(sequences, input_ids,
+                                                                                   position_ids.shape[1])}
+                output = self.decoder(**inputs, attention_mask=mask, position_ids=position_ids,
                                       use_cache=True, **{self._cache_keyword: self.cache})
         finally:
             for layer in layers:
                 layer.row_adapters = None
         return output.last_hidden_state
+
+    def _embeddings_with_virtual_tokens(self, sequences: list[_Sequence], input_ids, padded: int) -> torch.Tensor:
+        """Each row's embeddings (n, T, d): its virtual prompt vectors (if any), then its tokens', then
+        zeros up to T (padding no query attends to). Embedding the ids runs with the row adapters set,
+        so an embedding LoRA of another row still applies."""
+        embedded = self.decoder.get_input_embeddings()(input_ids)  # (n, L, d)
+        rows = torch.zeros(len(sequences), padded, embedded.shape[-1], dtype=embedded.dtype, device=embedded.device)
+        for row, sequence in enumerate(sequences):
+            if sequence.virtual:
+                rows[row, : sequence.virtual] = sequence.virtual_prompt.prompt().to(embedded.dtype)
+            length = len(sequence.token_ids)
+            rows[row, sequence.virtual: sequence.virtual + length] = embedded[row, :length]
+        return rows
 
     def _adapted_layers(self) -> list:
         """The model's AdaptedLayers; with an adapter manager, listed again only after it changed them
@@ -393,11 +474,17 @@ class Engine:
         return self._layers
 
     def _sample(self, sequences: list[_Sequence], hidden: torch.Tensor) -> None:
+        """Each row picks and takes its token on its own: a row that raises fails alone."""
         with torch.inference_mode():
             logits = self.head(hidden).float()  # (B, V)
-        tokens, logprobs = choose_tokens(logits, [s.params for s in sequences], [s.generator for s in sequences])
-        for sequence, token, logprob in zip(sequences, tokens, logprobs):
-            sequence.accept(token, logprob, self.tokenizer, self.stop_ids, self.max_model_len)
+            log_probs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs for s in sequences) else None
+        for row, sequence in enumerate(sequences):
+            try:
+                token, logprob = choose_token(logits[row], sequence.params, sequence.generator,
+                                              log_probs[row] if log_probs is not None else None)
+                sequence.accept(token, logprob, self.tokenizer, self.stop_ids, self.max_model_len)
+            except Exception as error:
+                sequence.fail(error, "sampling")
         self.stats.add_tokens(len(sequences))
 
     def _retire_finished(self) -> None:
@@ -417,14 +504,22 @@ class Engine:
     def _complete(self, sequence: _Sequence) -> None:
         self._release(sequence.handle.request)
         self.stats.observe_latency(time.perf_counter() - sequence.handle.submitted_at)
+        if sequence.error is not None:
+            sequence.handle._finish(None, sequence.error)
+            return
         last = sequence._take_delta(len(sequence.text), sequence.finish_reason)
         sequence.handle._finish(sequence.completion(), last_delta=last)
 
     def _drop_cancelled(self) -> None:
+        """Cancelled requests leave: running rows free their slots, waiting ones leave the queue."""
         for sequence in list(self.scheduler.running):
             if sequence.handle.cancelled and sequence.finish_reason is None:
                 sequence._finish("cancelled")
         self._retire_finished()
+        for sequence in self.scheduler.waiting():
+            if sequence.handle.cancelled and self.scheduler.remove_waiting(sequence):
+                sequence._finish("cancelled")
+                self._complete(sequence)
 
     def _release(self, request: GenerationRequest) -> None:
         if request.adapter is not None and self.adapters is not None:

@@ -34,6 +34,7 @@ class SlotKVCache:
         self.values: list[torch.Tensor] = []
         self._first_slot = 0
         self._rows = 0
+        self._prefill_slots: list[int] = []
         self._positions: torch.Tensor | None = None  # decode: (B,) write position per row
         self._kv_length = 0
 
@@ -58,10 +59,13 @@ class SlotKVCache:
             for tensor in store:
                 tensor[target, :, :length] = tensor[source, :, :length]
 
-    def plan_prefill(self, first_slot: int, rows: int, padded_length: int) -> None:
-        """The next forward writes `rows` new prompts (right-padded to `padded_length`) from position 0."""
+    def plan_prefill(self, slots: list[int], padded_length: int) -> None:
+        """The next forward writes one new prompt per entry of `slots` (right-padded to
+        `padded_length`) from position 0: row i of the batch goes to slot slots[i]. The engine
+        passes the slots its rows occupy at that moment, so no ordering assumption ties the two."""
         self.ensure_capacity(padded_length)
-        self._first_slot, self._rows, self._positions, self._kv_length = first_slot, rows, None, padded_length
+        self._prefill_slots = list(slots)
+        self._first_slot, self._rows, self._positions, self._kv_length = 0, len(slots), None, padded_length
 
     def plan_decode(self, positions: torch.Tensor) -> None:
         """The next forward writes one token per running row (slots 0..B-1) at `positions` (B,)."""
@@ -75,8 +79,14 @@ class SlotKVCache:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self._positions is None:
             length = key_states.shape[2]
-            keys[first:last, :, :length] = key_states
-            values[first:last, :, :length] = value_states
+            slots = self._prefill_slots
+            if slots == list(range(slots[0], slots[0] + len(slots))):  # one block: a plain slice
+                keys[slots[0]:slots[0] + len(slots), :, :length] = key_states
+                values[slots[0]:slots[0] + len(slots), :, :length] = value_states
+            else:
+                index = torch.tensor(slots, device=keys.device)
+                keys[index, :, :length] = key_states
+                values[index, :, :length] = value_states
             return key_states, value_states
         rows = torch.arange(first, last, device=self._positions.device)
         keys[rows, :, self._positions] = key_states[:, :, 0]

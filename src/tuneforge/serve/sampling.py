@@ -1,7 +1,8 @@
 """Choosing the next token of each row, and finding stop strings in generated text.
 
 Every request carries its own `SamplingParams` and, when it samples, its own seeded
-`torch.Generator`, so a request draws the same tokens whatever else shares its batch.
+`torch.Generator`, so a request draws the same tokens whatever else shares its batch. Each row is
+chosen on its own (`choose_token`), so a row whose logits are broken fails alone.
 """
 
 from __future__ import annotations
@@ -12,12 +13,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tuneforge.errors import ConfigError
+from tuneforge.errors import ConfigError, TuneforgeError
+
+# Below this temperature a request is greedy. softmax(z / T) is already one-hot in float32 long
+# before T reaches it for any realistic logit gap, and dividing by a far smaller T (1e-40) overflows
+# to inf and turns the softmax into NaN. vLLM draws the same line (its _SAMPLING_EPS).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+class NonFiniteLogitsError(TuneforgeError):
+    """A row's logits hold NaN or infinity (broken weights, often an adapter's); only that row fails."""
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks tokens and when it stops. temperature 0 means greedy."""
+    """How one request picks tokens and when it stops. temperature 0 (or below 1e-5) means greedy."""
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -49,7 +59,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def make_generator(self, device: torch.device) -> torch.Generator | None:
         if self.greedy:
@@ -65,7 +75,8 @@ class SamplingParams:
 def filtered_probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution one row samples from: logits (V,) -> probabilities (V,) after temperature,
     top-k (keep the k largest) and top-p (keep the smallest set of top tokens whose mass reaches p)."""
-    scaled = logits.float() / params.temperature
+    logits = logits.float()
+    scaled = (logits - logits.max()) / params.temperature  # the top logit becomes 0: no overflow to inf
     if 0 < params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -80,23 +91,23 @@ def filtered_probabilities(logits: torch.Tensor, params: SamplingParams) -> torc
     return probs
 
 
-def choose_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
-                  generators: Sequence[torch.Generator | None]) -> tuple[list[int], list[float | None]]:
-    """Next token per row for logits (B, V); with each row's log-probability under the model when
-    that row asked for logprobs (the raw distribution, before temperature or truncation)."""
-    greedy_choice = logits.argmax(dim=-1).tolist()
-    wants_logprobs = any(p.logprobs for p in params)
-    log_probs = torch.log_softmax(logits.float(), dim=-1) if wants_logprobs else None
-    tokens, token_logprobs = [], []
-    for row, (row_params, generator) in enumerate(zip(params, generators)):
-        if row_params.greedy:
-            token = greedy_choice[row]
-        else:
-            probs = filtered_probabilities(logits[row], row_params)
-            token = int(torch.multinomial(probs, 1, generator=generator).item())
-        tokens.append(token)
-        token_logprobs.append(float(log_probs[row, token]) if row_params.logprobs else None)
-    return tokens, token_logprobs
+def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                 log_probs: torch.Tensor | None = None) -> tuple[int, float | None]:
+    """The next token for one row's logits (V,), with its log-probability under the model when the
+    request asked for logprobs (`log_probs` (V,): the raw distribution, before temperature or truncation).
+    Raises NonFiniteLogitsError when the logits hold NaN or infinity."""
+    if not bool(torch.isfinite(logits).all()):
+        raise NonFiniteLogitsError("the model produced non-finite logits (NaN or infinity) for this request")
+    if params.greedy:
+        token = int(logits.argmax())
+    else:
+        probs = filtered_probabilities(logits, params)
+        token = int(torch.multinomial(probs, 1, generator=generator).item())
+    if not params.logprobs:
+        return token, None
+    if log_probs is None:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return token, float(log_probs[token])
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:

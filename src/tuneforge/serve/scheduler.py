@@ -47,6 +47,11 @@ class Scheduler(Generic[Item]):
         self.running.extend(admitted)
         return admitted
 
+    def waiting(self) -> list[Item]:
+        """A snapshot of the queue, oldest first."""
+        with self._lock:
+            return list(self._waiting)
+
     def remove_waiting(self, item: Item) -> bool:
         with self._lock:
             try:
