@@ -23,7 +23,7 @@ import pytest
 import torch
 from cases import CASES
 from peft_roundtrip import assert_peft_loads_ours
-from tiny_models import tiny_gpt2, tiny_llama
+from tiny_models import perturb_trainable, tiny_gpt2, tiny_llama
 from torch import nn
 
 from tuneforge.adapters import LoraConfig, add_adapter, save_adapter
@@ -167,3 +167,34 @@ def test_all_norms_is_written_as_the_norms_it_chose(tmp_path):
     assert_peft_loads_ours(tiny_llama(), config, tmp_path)
     written = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert sorted(written["target_modules"]) == ["input_layernorm", "norm", "post_attention_layernorm"]
+
+
+class TopLevelLayers(nn.Module):
+    """Layers at the top of the module tree (``layers.1.q_proj``): peft finds a layer index only after
+    a first dotted segment, so with layers_to_transform it would adapt none of them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.ModuleDict({"q_proj": nn.Linear(8, 8)}) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer["q_proj"](x))
+        return x
+
+
+def test_a_list_with_layers_that_peft_would_index_differently_is_written_as_full_names(tmp_path):
+    base = TopLevelLayers().eval()
+    model = copy.deepcopy(base)
+    add_adapter(model, LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[1]))
+    perturb_trainable(model)
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["target_modules"] == ["layers.1.q_proj"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model(x), rtol=0, atol=1e-6)
+        assert not torch.allclose(model(x), base(x))  # the adapter does something

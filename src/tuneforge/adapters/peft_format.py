@@ -123,16 +123,18 @@ def peft_loadable_targeting(model: nn.Module, name: str, peft_config: dict) -> d
     that matches nothing. So such a target is written as the list of modules adapter ``name`` wraps,
     as peft itself saves an all-linear config: leaf names (``q_proj``, ...) where peft would select
     exactly these modules with them, else the full module names, which peft matches exactly whatever
-    the layer fields say.
+    the layer fields say. A list with layers_to_transform that peft would read differently (it finds
+    a layer index by another rule than ours, see ``peft_would_target``) is rewritten the same way.
     """
     config = dict(peft_config)
     if config.get("layers_to_transform") is None and config.get("layers_pattern") is not None:
         config["layers_pattern"] = None  # without layer indices it selects nothing, in tuneforge and peft
-    target = config.get("target_modules")
-    if not isinstance(target, str) or (config.get("layers_to_transform") is None and target != ALL_NORMS):
-        return config
+    target, layers = config.get("target_modules"), config.get("layers_to_transform")
+    refused = isinstance(target, str) and (layers is not None or target == ALL_NORMS)
+    if not refused and (not isinstance(target, list) or layers is None):
+        return config  # a regex, all-linear or list without layer indices means the same to peft
     adapted = [layer_name for layer_name, layer in wrapped_layers(model) if name in layer.adapters]
-    if not adapted:
+    if not adapted or (not refused and _peft_selects(model, config) == set(adapted)):
         return config
     leaves = sorted({layer_name.rpartition(".")[2] for layer_name in adapted})
     by_leaves = _with_targets(config, leaves, adapted)
