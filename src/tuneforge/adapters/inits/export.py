@@ -19,7 +19,7 @@ from torch import nn
 from tuneforge.adapters.config import LoraConfig
 from tuneforge.adapters.inits.residual import InitialisedLoraLinear
 from tuneforge.adapters.model import adapter_book, wrapped_layers
-from tuneforge.adapters.peft_format import CONFIG_FILE, PREFIX, WEIGHTS_FILE, adapter_state
+from tuneforge.adapters.peft_format import CONFIG_FILE, PREFIX, WEIGHTS_FILE, adapter_state, peft_loadable_targeting
 from tuneforge.errors import AdapterError
 from tuneforge.fileio import atomic_write, atomic_write_json, atomic_write_text
 
@@ -41,7 +41,7 @@ def export_as_plain_lora(model: nn.Module, adapter_name: str, directory: str | P
             state[f"{PREFIX}{layer_name}.lora_A.weight"] = lora_A.detach().to("cpu").contiguous()
             state[f"{PREFIX}{layer_name}.lora_B.weight"] = lora_B.detach().to("cpu").contiguous()
     plain = doubled_rank_config(config)
-    peft_config = plain.to_peft_dict()
+    peft_config = peft_loadable_targeting(model, adapter_name, plain.to_peft_dict())
     if transposed:
         peft_config["fan_in_fan_out"] = True
     peft_config.update(base_model_name_or_path=base_model_name or _base_model_name(model),
