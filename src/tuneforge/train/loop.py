@@ -2,7 +2,8 @@
 
     for each optimizer step:
         for each of grad_accum micro-batches: forward (chunked CE on labelled tokens), backward
-        clip -> optimizer.step -> scheduler.step -> log / eval / checkpoint
+        clip -> optimizer.step (skipped when the loss or gradient norm is not finite) -> scheduler.step
+        -> log / eval (loss; exact match with training.eval_generate) / checkpoint
 
 Everything needed to continue exactly (adapter, optimizer, scheduler, RNG, data position) is in
 each checkpoint; Ctrl-C saves one and exits cleanly.
@@ -355,6 +356,7 @@ def _evaluate_and_check_stop(model, tokenizer, data: PreparedData, config: Train
     if accuracy is not None:
         record.update(eval_exact_match=accuracy.exact_match, eval_contains=accuracy.contains, eval_generated=accuracy.n)
         line += f", exact match {accuracy.exact_match:.1%} of {accuracy.n}"
+        progress.show_exact_match(accuracy.exact_match)
     log.log(record)
     state.history.append({key: value for key, value in record.items() if key != "eval_perplexity"})
     progress.note(line)
