@@ -222,6 +222,17 @@ def test_overwrite_keeps_the_old_run_aside_until_the_first_checkpoint_or_the_end
     assert summary.steps == 4 and [r["step"] for r in metrics(run_dir) if "lr" in r] == [1, 2, 3, 4]
 
 
+def test_an_overwriting_run_that_fails_early_leaves_the_old_run_aside(tmp_path, monkeypatch):
+    run_dir, before = _finished_run(tmp_path)
+    poison_losses(monkeypatch, set(range(1, 100)))
+    with pytest.raises(TuneforgeError, match="in a row"):
+        run(config(tmp_path, max_steps=4, save_every=2, max_nonfinite_steps=1), overwrite=True)
+    [aside] = [p for p in run_dir.iterdir() if p.name.startswith(".replaced-")]
+    assert _contents(aside) == before
+    with pytest.raises(ConfigError, match=rf"still kept in {aside.name}"):
+        run(config(tmp_path, max_steps=1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint safety
 

@@ -37,9 +37,12 @@ def check_run_dir(config: TrainConfig, resume: bool, overwrite: bool = False, re
     run_dir = Path(config.output_dir).expanduser()
     previous = earlier_run_contents(run_dir)
     if previous and not resume and not overwrite:
+        kept = sorted(p.name for p in run_dir.glob(f"{REPLACED_PREFIX}*"))
+        aside = (f" An earlier run replaced with --overwrite is still kept in {', '.join(kept)}: the run that replaced "
+                 "it stopped before its first checkpoint.") if kept else ""
         raise ConfigError(
             f"output_dir {run_dir} already holds a run ({', '.join(previous)}). Continue it with --resume, "
-            "pick another output_dir, or pass --overwrite to replace it."
+            f"pick another output_dir, or pass --overwrite to replace it.{aside}"
         )
     if resume and not resume_anyway:
         check_resume_config(run_dir, config)
