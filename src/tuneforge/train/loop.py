@@ -57,8 +57,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     ``model_and_tokenizer`` lets tests and benchmarks pass an already-built model. Nothing in
     ``output_dir`` changes until the config, data and model have loaded (see run_dir.py).
     """
-    run_dir = check_run_dir(config, resume or resume_anyway, overwrite, resume_anyway)
     resume = resume or resume_anyway
+    run_dir = check_run_dir(config, resume, overwrite, resume_anyway)
     check_eval_generate(config)
     torch.manual_seed(config.training.seed)
     device = resolve_device(config.device)
@@ -132,17 +132,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 elapsed = elapsed_before + time.perf_counter() - start
                 # Throughput of the optimizer steps alone: evaluation and checkpoint time excluded.
                 rate = (state.tokens_seen - tokens_at_start) / max(step_seconds, 1e-9)
-                lr = scheduler.get_last_lr()[0]
-                if outcome.applied:
-                    last_loss = outcome.loss
-                    progress.update(state.step, outcome.loss, lr, rate)
-                else:
-                    progress.note(guard.note(outcome, state.step))
-                if not outcome.applied or state.step % config.training.log_every == 0 or state.step in (1, total_steps):
-                    log.log({"step": state.step, "train_loss": _finite_or_none(outcome.loss),
-                             "grad_norm": _finite_or_none(outcome.grad_norm), "lr": lr, "tokens_per_second": rate,
-                             "tokens_seen": state.tokens_seen, "elapsed_seconds": elapsed, "epoch": state.epoch,
-                             "nonfinite_steps": guard.skipped, **({} if outcome.applied else {"skipped": True})})
+                last_loss = outcome.loss if outcome.applied else last_loss
+                _report_step(outcome, state, scheduler.get_last_lr()[0], rate, elapsed, guard, log, progress,
+                             config.training.log_every, total_steps)
                 if on_step is not None:
                     on_step(state.step, outcome.loss)
                 if _due(config.training.eval_every, state.step) or state.step == total_steps:
@@ -176,6 +168,20 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     )
     save_summary(summary)
     return summary
+
+
+def _report_step(outcome: StepOutcome, state: TrainState, lr: float, rate: float, elapsed: float,
+                 guard: NonFiniteGuard, log: MetricsLog, progress: TrainProgress, log_every: int, total_steps: int) -> None:
+    """The progress line and, every ``log_every`` steps (and on every skipped step), a metrics line."""
+    if outcome.applied:
+        progress.update(state.step, outcome.loss, lr, rate)
+    else:
+        progress.note(guard.note(outcome, state.step))
+    if outcome.applied and state.step % log_every != 0 and state.step not in (1, total_steps):
+        return
+    log.log({"step": state.step, "train_loss": _finite_or_none(outcome.loss), "grad_norm": _finite_or_none(outcome.grad_norm),
+             "lr": lr, "tokens_per_second": rate, "tokens_seen": state.tokens_seen, "elapsed_seconds": elapsed,
+             "epoch": state.epoch, "nonfinite_steps": guard.skipped, **({} if outcome.applied else {"skipped": True})})
 
 
 def _save_final_adapter(model: nn.Module, run_dir: Path, config: TrainConfig) -> Path:
