@@ -291,7 +291,7 @@ def test_a_bad_metrics_line_before_the_last_is_an_error_naming_it(tmp_path):
         read_metrics(path)
 
 
-def test_files_are_fsynced_before_the_checkpoint_is_renamed(tmp_path, monkeypatch):
+def test_files_are_fsynced_before_a_checkpoint_or_the_adapter_is_renamed(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
@@ -304,6 +304,10 @@ def test_files_are_fsynced_before_the_checkpoint_is_renamed(tmp_path, monkeypatc
         assert f"{tmp_dir}/{name}" in synced, f"{name} was not fsynced before the rename"
     assert tmp_dir in synced
     assert any(e == ("fsync", str(tmp_path / "run" / CHECKPOINTS)) for e in events[rename:]), "the rename itself was not fsynced"
+    [final] = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(tmp_path / "run" / "adapter")]
+    synced = {e[1] for e in events[:final] if e[0] == "fsync"}
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert f"{events[final][1]}/{name}" in synced, f"the final adapter's {name} was not fsynced before its rename"
 
 
 def test_stale_temp_folders_are_cleaned_up(tmp_path):
@@ -311,8 +315,10 @@ def test_stale_temp_folders_are_cleaned_up(tmp_path):
     stale = run_dir / CHECKPOINTS / ".tmp-step-0000009-99999"
     (stale / "adapter").mkdir(parents=True)
     (stale / "adapter" / "adapter_model.safetensors").write_bytes(b"half")
+    stale_adapter = run_dir / ".tmp-adapter-99999"
+    stale_adapter.mkdir()
     run(cfg, resume=True)
-    assert not stale.exists()
+    assert not stale.exists() and not stale_adapter.exists()
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch):

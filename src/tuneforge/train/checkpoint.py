@@ -93,8 +93,8 @@ def save_checkpoint(run_dir: Path, model: nn.Module, adapter_name: str, optimize
             "hooks": hooks.state_dict() if hooks is not None else {},
             **(extra or {}),
         }, tmp / STATE_FILE)
-        _fsync_tree(tmp)
-        _replace_dir(tmp, final)
+        fsync_tree(tmp)
+        replace_dir(tmp, final)
         _fsync_path(root)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -111,7 +111,7 @@ def _save_failure(final: Path, root: Path, exc: OSError) -> str:
             "Free space (or set training.keep_checkpoints lower) and continue with --resume.")
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; an existing ``final`` (same step saved again) is set aside first
     and removed only once the new one is in place."""
     if not final.exists():
@@ -123,7 +123,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
     """Flush every file, then every folder, under ``folder`` to disk: a rename is only atomic for
     data that has reached the disk (ext4 and xfs may otherwise commit the rename first)."""
     for directory, _, files in os.walk(folder):
@@ -142,9 +142,10 @@ def _fsync_path(path: Path) -> None:
 
 
 def remove_stale_temp_dirs(run_dir: Path) -> list[Path]:
-    """Delete ``checkpoints/.tmp-*`` folders left by a save that crashed; returns what was removed."""
-    root = Path(run_dir) / CHECKPOINTS
-    stale = sorted(root.glob(f"{TEMP_PREFIX}*")) if root.is_dir() else []
+    """Delete the ``.tmp-*`` folders (of a checkpoint or the final adapter) left by a save that
+    crashed; returns what was removed."""
+    run_dir = Path(run_dir)
+    stale = sorted([*run_dir.glob(f"{TEMP_PREFIX}*"), *(run_dir / CHECKPOINTS).glob(f"{TEMP_PREFIX}*")])
     for path in stale:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return stale

@@ -12,6 +12,8 @@ each checkpoint; Ctrl-C saves one and exits cleanly.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -31,9 +33,11 @@ from tuneforge.losses import token_loss_sum
 from tuneforge.train.checkpoint import (
     CheckpointError,
     TrainState,
+    fsync_tree,
     latest_checkpoint,
     load_checkpoint,
     remove_stale_temp_dirs,
+    replace_dir,
     save_checkpoint,
 )
 from tuneforge.train.compile import compile_decoder_layers, eager_only
@@ -185,10 +189,18 @@ def _report_step(outcome: StepOutcome, state: TrainState, lr: float, rate: float
 
 
 def _save_final_adapter(model: nn.Module, run_dir: Path, config: TrainConfig) -> Path:
+    """``adapter/`` written whole or not at all: into a temp folder, fsynced, then renamed into place."""
+    final = run_dir / "adapter"
+    tmp = run_dir / f".tmp-adapter-{os.getpid()}"
     try:
-        return save_adapter(model, run_dir / "adapter", ADAPTER_NAME, base_model_name=config.model,
-                            base_quantization=config.quantization.model_dump(mode="json") if config.quantization else None)
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(model, tmp, ADAPTER_NAME, base_model_name=config.model,
+                     base_quantization=config.quantization.model_dump(mode="json") if config.quantization else None)
+        fsync_tree(tmp)
+        replace_dir(tmp, final)
+        return final
     except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
         kept = latest_checkpoint(run_dir)
         raise CheckpointError(
             f"could not save the final adapter in {run_dir / 'adapter'}: {exc.strerror or exc}"
