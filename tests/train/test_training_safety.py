@@ -366,3 +366,17 @@ def test_resume_anyway_and_harmless_changes_continue(tmp_path):
     cfg, run_dir = _interrupted_run(tmp_path / "second")
     summary, _ = run(config(tmp_path / "second", max_steps=5), resume_anyway=True)
     assert summary.steps == 5
+
+
+def test_fp16_overflows_while_the_scaler_searches_do_not_stop_the_run():
+    from tuneforge.train.nonfinite import NonFiniteGuard
+
+    guard = NonFiniteGuard(max_in_a_row=2)
+    inf, nan = float("inf"), float("nan")
+    # GradScaler starts at 2**16 and halves on each overflow: those skips are its search, not a failing run.
+    for scale in (2.0**16, 2.0**15, 2.0**14):
+        assert not guard.allows(1.5, inf, step=1, loss_scale=scale)
+    assert guard.in_a_row == 0 and guard.skipped == 3
+    assert not guard.allows(nan, nan, step=4, loss_scale=2.0**13)  # a NaN loss is never the scaler's doing
+    with pytest.raises(TuneforgeError, match="2 optimizer steps in a row"):
+        guard.allows(1.5, inf, step=5, loss_scale=1.0)  # a scale of 1 no longer explains an overflow
