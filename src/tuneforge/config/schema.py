@@ -93,7 +93,8 @@ class TrainingConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision of the forward pass "
                                                        "(fp16 scales the loss with a GradScaler)")
     max_nonfinite_steps: int = Field(5, gt=0, description="a step whose loss or gradient norm is NaN/inf is skipped "
-                                                          "(no update); stop the run after this many in a row")
+                                                          "(no update); stop the run after this many in a row (fp16 "
+                                                          "overflows while the loss scale is above 1 do not count)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     compile: bool = Field(False, description="torch.compile the decoder layers (~1 min once; faster steps on long runs)")
     loss_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the chunked cross-entropy")
