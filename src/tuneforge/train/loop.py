@@ -62,6 +62,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     ``output_dir`` changes until the config, data and model have loaded (see run_dir.py).
     """
     resume = resume or resume_anyway
+    # A private copy: methods record run facts on their config (AdaLoRA's total_step), and the caller's
+    # object must stay what it passed (a resume with the same object compares equal to the saved one).
+    config = config.model_copy(deep=True)
     run_dir = check_run_dir(config, resume, overwrite, resume_anyway)
     check_eval_generate(config)
     torch.manual_seed(config.training.seed)
