@@ -24,6 +24,7 @@ from tuneforge.config.schema import TrainConfig
 from tuneforge.eval.loss import autocast, evaluate_loss
 from tuneforge.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from tuneforge.train.compile import compile_decoder_layers, eager_only
+from tuneforge.select.training import plan_training_selection
 from tuneforge.train.data_setup import PreparedData, prepare_data
 from tuneforge.losses import token_loss_sum
 from tuneforge.train.metrics import MetricsLog, plot_loss_curve
@@ -46,8 +47,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     torch.manual_seed(config.training.seed)
     device = resolve_device(config.device)
     strategy = pick_strategy(device)
+    selection = plan_training_selection(config, run_dir)  # every selection check, before the model loads
     model, tokenizer = model_and_tokenizer or _load_base(config, device)
-    data = prepare_data(config, tokenizer)
+    data = prepare_data(config, tokenizer, select=selection.bind(model, tokenizer) if selection else None)
     if config.quantization is not None and model_and_tokenizer is not None:
         _quantize_base(model, config, device)  # a model we did not load: quantize it in place
     torch.manual_seed(config.training.seed)  # adapter init must not depend on what loading consumed

@@ -12,7 +12,8 @@ from tuneforge.errors import ConfigError
 from tuneforge.fileio import atomic_write_text
 
 RESOLVED_CONFIG = "config.yaml"
-RUN_CONTENTS = ("adapter", "checkpoints", "tensorboard", "metrics.jsonl", "loss_curve.png", RESOLVED_CONFIG, "summary.json")
+RUN_CONTENTS = ("adapter", "checkpoints", "tensorboard", "metrics.jsonl", "loss_curve.png", RESOLVED_CONFIG, "summary.json",
+                "selection")
 
 
 def prepare_run_dir(config: TrainConfig, resume: bool, overwrite: bool = False) -> Path:
