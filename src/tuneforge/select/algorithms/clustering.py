@@ -65,12 +65,17 @@ def k_center_greedy(points: np.ndarray, budget: int, first: int | None = None) -
     return chosen
 
 
-def allocate(budget: int, sizes: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def allocate(budget: int, sizes: np.ndarray, weights: np.ndarray, at_least_one: bool = False) -> np.ndarray:
     """Split ``budget`` across clusters in proportion to size x weight (largest remainder), never
-    giving a cluster more than it holds; what a full cluster cannot take goes to the others."""
+    giving a cluster more than it holds; what a full cluster cannot take goes to the others.
+    ``at_least_one``: when the budget allows, every non-empty cluster first gets one example, so a
+    small cluster is represented however large the others are."""
     sizes = np.asarray(sizes, dtype=np.int64)
     quotas = np.zeros_like(sizes)
     remaining = min(budget, int(sizes.sum()))
+    if at_least_one and remaining >= int((sizes > 0).sum()):
+        quotas = (sizes > 0).astype(np.int64)
+        remaining -= int(quotas.sum())
     while remaining > 0:
         room = sizes - quotas
         share = np.where(room > 0, sizes * np.asarray(weights, dtype=np.float64), 0.0)

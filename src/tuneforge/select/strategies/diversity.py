@@ -6,8 +6,10 @@ clusters in proportion to their size (kMQ: k-means-quality, each cluster sampled
 iterative variant picks the budget in rounds and, after each round, reassesses every cluster's
 weight from a signal of how useful its examples are, so low-quality clusters shrink.
 
-Here the quality signal is the base model's mean reply loss (lower is better; no reward model or
-training between rounds): after each round, w_c <- w_c * exp(-z_c), with z_c the cluster's mean
+Our choices: the first round gives every cluster one example before splitting the rest by size
+(when the budget allows), so small clusters are represented. The quality signal is the base
+model's mean reply loss (lower is better; no reward model and no training between rounds): after
+each round, w_c <- w_c * exp(-z_c), with z_c the cluster's mean
 loss over that round's picks, standardised across clusters. ``rounds=1`` is static kMQ, where each
 cluster keeps its examples nearest the centre. ``method=kcenter`` instead takes the greedy k-center
 cover (farthest-first; Sener & Savarese, arXiv:1708.00489), one example per centre.
@@ -54,7 +56,7 @@ def kmeans_quality_pick(vectors: np.ndarray, labels: np.ndarray, centres: np.nda
     for round_number in range(rounds):
         want = (budget - len(picked)) // (rounds - round_number)
         sizes = np.array([len(q) for q in queues])
-        quotas = allocate(want, sizes, weights)
+        quotas = allocate(want, sizes, weights, at_least_one=round_number == 0)
         this_round = []
         for cluster, quota in enumerate(quotas):
             this_round += queues[cluster][:quota]
