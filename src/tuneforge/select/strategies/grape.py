@@ -44,7 +44,8 @@ def select_best_candidates(pool, budget: int | None, context) -> Selection:
 
 def _check(pool, options) -> None:
     if pool.candidates is None:
-        raise DataError(f"strategy=grape needs several candidate replies per instruction, but {pool.source!r} has none. "
+        raise DataError("strategy=grape needs several candidate replies per instruction (a 'candidates' list in each record), "
+                        f"but {pool.source!r} has none. "
                         "Give records like {\"prompt\": \"...\", \"candidates\": [\"reply 1\", \"reply 2\"]} "
                         "(or \"instruction\" [+ \"input\"] instead of \"prompt\").")
 
