@@ -25,9 +25,9 @@ PAIRS = [("Tom has 3 apples and buys 4 more. How many apples does Tom have now?"
 def reference_answer_stats(model, ids: list[int], answer_len: int) -> tuple[float, float]:
     """Mean NLL and mean ||softmax - onehot||_2 over the last answer_len tokens, from full logits."""
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].float()  # (T, V)
+        logits = model(torch.tensor([[int(t) for t in ids]])).logits[0].float()  # (T, V)
     predicting = logits[len(ids) - answer_len - 1: len(ids) - 1]
-    targets = torch.tensor(ids[len(ids) - answer_len:])
+    targets = torch.tensor([int(t) for t in ids[len(ids) - answer_len:]])
     nll = F.cross_entropy(predicting, targets).item()
     error = predicting.softmax(-1) - F.one_hot(targets, predicting.shape[-1]).float()
     return nll, error.norm(dim=-1).mean().item()
@@ -81,8 +81,8 @@ def memorised_scorer(pairs: list[tuple[str, str]], steps: int = 60):
     for _ in range(steps):
         loss = 0.0
         for ids, answer_len in sequences:
-            logits = model(torch.tensor([ids])).logits[0]
-            loss = loss + F.cross_entropy(logits[len(ids) - answer_len - 1: -1], torch.tensor(ids[-answer_len:]))
+            logits = model(torch.tensor([[int(t) for t in ids]])).logits[0]
+            loss = loss + F.cross_entropy(logits[len(ids) - answer_len - 1: -1], torch.tensor([int(t) for t in ids[-answer_len:]]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

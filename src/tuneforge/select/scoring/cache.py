@@ -48,8 +48,9 @@ def cache_key(*parts: str | bytes) -> str:
 
 
 def sequences_digest(sequences) -> bytes:
-    """A digest of token sequences (lists of ints, or (ids, answer length) pairs)."""
+    """A digest of scored sequences: (token id array, answer length) pairs."""
     digest = hashlib.sha256()
-    for item in sequences:
-        digest.update(repr(item).encode())
+    for ids, answer_len in sequences:
+        digest.update(np.asarray(ids, dtype=np.int32).tobytes())
+        digest.update(b"|%d;" % answer_len)
     return digest.digest()

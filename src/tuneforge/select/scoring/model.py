@@ -30,8 +30,9 @@ from tuneforge.losses import backbone_and_head, hidden_states
 from tuneforge.select.pool import response_text
 from tuneforge.select.scoring.cache import ScoreCache, cache_key, sequences_digest
 
-# A scored sequence: token ids and how many of the last ones are the answer.
-Scored = tuple[list[int], int]
+# A scored sequence: token ids (int32, 4 bytes a token rather than a Python int's ~36, so 100k
+# tokenized examples fit in memory) and how many of the last ones are the answer.
+Scored = tuple[np.ndarray, int]
 
 
 @dataclass
@@ -62,11 +63,11 @@ class ScoringModel:
         answer_ids = self.answer_ids(answer)[: self.max_seq_len - 1]
         prompt_ids = encode_prompt(list(prompt), self.tokenizer, self.template)
         room = max(1, self.max_seq_len - len(answer_ids))
-        return prompt_ids[-room:] + answer_ids, len(answer_ids)
+        return np.array(prompt_ids[-room:] + answer_ids, dtype=np.int32), len(answer_ids)
 
     def unconditioned(self, answer: str) -> Scored:
         answer_ids = self.answer_ids(answer)[: self.max_seq_len - 1]
-        return [self.start_id()] + answer_ids, len(answer_ids)
+        return np.array([self.start_id()] + answer_ids, dtype=np.int32), len(answer_ids)
 
     def start_id(self) -> int:
         bos = getattr(self.tokenizer, "bos_token_id", None)
@@ -114,7 +115,7 @@ class ScoringModel:
                 attention = torch.zeros((len(chunk), longest), dtype=torch.long)
                 for row, index in enumerate(chunk):
                     ids = sequences[index][0]
-                    input_ids[row, : len(ids)] = torch.tensor(ids)
+                    input_ids[row, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
                     attention[row, : len(ids)] = 1
                 batch = {"input_ids": input_ids.to(self.device), "attention_mask": attention.to(self.device)}
                 hidden = hidden_states(self.model, batch)  # (B, T, H)
@@ -133,7 +134,7 @@ def _answer_nll_and_el2n(hidden: torch.Tensor, head, ids: list[int], answer_len:
         return np.array([np.nan, np.nan])
     length = len(ids)
     positions = hidden[length - answer_len - 1: length - 1]  # (A, H): position t predicts token t + 1
-    targets = torch.tensor(ids[length - answer_len:], device=hidden.device)
+    targets = torch.from_numpy(ids[length - answer_len:].astype(np.int64)).to(hidden.device)
     logits = head(positions).float()  # (A, V)
     nll = F.cross_entropy(logits, targets)
     probs = logits.softmax(-1)

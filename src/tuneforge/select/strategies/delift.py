@@ -26,6 +26,8 @@ from tuneforge.select.scoring.embeddings import EMBEDDERS, check_embedder_availa
 from tuneforge.select.selection import Selection
 from tuneforge.select.strategies.checks import require_choice, require_instructions, require_positive_int
 
+UTILITY_BLOCK = 2048  # examples whose in-context sequences are built and scored together
+
 
 def nearest_neighbours(vectors: np.ndarray, count: int, block: int = 2048) -> np.ndarray:
     """(n, count) indices of each row's most similar other rows (cosine on unit vectors), in blocks."""
@@ -39,16 +41,23 @@ def nearest_neighbours(vectors: np.ndarray, count: int, block: int = 2048) -> np
 
 
 def in_context_utilities(pool, neighbours: np.ndarray, scorer) -> np.ndarray:
-    """(n, k) utilities U_ij = loss(y_i | x_i) - loss(y_i | x_j, y_j, x_i) for j = neighbours[i]."""
+    """(n, k) utilities U_ij = loss(y_i | x_i) - loss(y_i | x_j, y_j, x_i) for j = neighbours[i].
+
+    The n x k in-context sequences are built and scored a block of examples at a time, so only one
+    block's token ids are ever held."""
     conditioned, _ = scorer.example_sequences(pool.examples)
     alone = scorer.answer_scores(conditioned)[:, 0]
-    with_example = []
-    for i, example in enumerate(pool.examples):
-        for j in neighbours[i]:
-            shown = pool.examples[j]
-            prompt = [*shown.prompt_messages, Message("assistant", response_text(shown)), *example.prompt_messages]
-            with_example.append(scorer.conditioned(prompt, response_text(example)))
-    helped = scorer.answer_scores(with_example, kind="in-context")[:, 0].reshape(neighbours.shape)
+    helped = np.empty(neighbours.shape)
+    for start in range(0, len(pool), UTILITY_BLOCK):
+        block = []
+        for i in range(start, min(start + UTILITY_BLOCK, len(pool))):
+            example = pool.examples[i]
+            for j in neighbours[i]:
+                shown = pool.examples[j]
+                prompt = [*shown.prompt_messages, Message("assistant", response_text(shown)), *example.prompt_messages]
+                block.append(scorer.conditioned(prompt, response_text(example)))
+        losses = scorer.answer_scores(block, kind="in-context")[:, 0]
+        helped[start:start + UTILITY_BLOCK] = losses.reshape(-1, neighbours.shape[1])
     return alone[:, None] - helped
 
 
