@@ -112,3 +112,27 @@ def test_diversity_with_minilm_covers_every_topic(one_torch_thread):
     plan = plan_selection(pool, "diversity", 3, {"embedder": "minilm", "method": "kcenter"})
     result = run_selection(pool, plan, context_with())
     assert {topic_of[i] for i in result.selection.kept} == set(topics)
+
+
+def test_delift_columns_pick_the_example_that_helps_the_others_most():
+    from tuneforge.select.strategies.delift import utility_columns
+
+    # Example 2 shown in context lowers the reply loss of 0, 1 and 3; the others help little or hurt.
+    neighbours = np.array([[2, 1], [2, 0], [0, 3], [2, 1]])
+    utilities = np.array([[0.9, 0.1], [0.8, -0.3], [0.05, 0.0], [0.7, 0.2]])
+    columns = utility_columns(neighbours, utilities)
+    assert columns[2][0].tolist() == [2, 0, 1, 3] and columns[2][1].tolist() == pytest.approx([0.05, 0.9, 0.8, 0.7])
+    chosen, _ = facility_location_greedy(columns, 4, 1)
+    assert chosen == [2]
+
+
+def test_model_based_diversity_and_delift_run_on_a_tiny_model(one_torch_thread):
+    from select_helpers import tiny_scorer
+
+    from tuneforge.select import plan_selection, run_selection
+
+    pool = qa_pool([(f"Question {i}: what is {i} plus {i}?", f"{2 * i}") for i in range(8)])
+    for strategy, options in (("diversity", {}), ("diversity", {"method": "kcenter"}), ("delift", {"neighbors": 2})):
+        result = run_selection(pool, plan_selection(pool, strategy, 3, options), context_with(tiny_scorer()))
+        assert len(result.selection.kept) == 3 and len(result.selection.reasons) == 8
+        assert all(r.startswith(("kept", "dropped")) for r in result.selection.reasons)

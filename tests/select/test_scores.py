@@ -51,7 +51,7 @@ def test_el2n_and_loss_match_the_definition_and_do_not_depend_on_batching(one_to
     one_by_one, batched = tiny_scorer(batch_size=1), tiny_scorer(batch_size=4)
     sequences, _ = batched.example_sequences(pool.examples)
     scores = batched.answer_scores(sequences)
-    assert scores == pytest.approx(one_by_one.answer_scores(sequences), rel=1e-4)  # right-padding is masked out
+    assert scores == pytest.approx(one_by_one.answer_scores(sequences), rel=1e-4)  # padding and batch composition never change a score
     for (ids, answer_len), (nll, el2n) in zip(sequences, scores):
         assert (nll, el2n) == pytest.approx(reference_answer_stats(batched.model, ids, answer_len), rel=1e-4)
 
