@@ -12,7 +12,8 @@ included). Every row trains a fresh LoRA on its examples through the real traine
 (``tuneforge.train.train``) for the same number of epochs, so a 30% row takes ~30% of the steps;
 then greedy exact match on the tasks' held-out problems. Selection time is the strategy's own time
 (scores are not cached between rows; loading the base model is not counted); total time is selection
-plus training. The report also counts which injected examples each strategy kept.
+plus training. The report also counts which injected examples each strategy kept. Dedup rows use
+``--dedup-threshold`` (default 1.0): distinct problems of the templated tasks are lexically close.
 
     python bench/data_selection.py                                  # smollm2-135m, the real measurement
     python bench/data_selection.py --model tiny --size 40 --epochs 1 --eval-examples 4   # smoke test
@@ -136,7 +137,10 @@ def select_rows(row: str, mixture: list[MixtureItem], options, model, tokenizer)
         return list(range(len(mixture))), 0.0
     pool = Pool([item.example for item in mixture], source="noisy mixture")
     scorer = ScoringModel(model, tokenizer, options.model, batch_size=options.score_batch_size, max_seq_len=MAX_SEQ_LEN)
-    plan = plan_selection(pool, row, options.fraction, {"warmup_steps": options.warmup_steps} if "el2n" in row else {})
+    stages = row.split("+")
+    strategy_options = {**({"warmup_steps": options.warmup_steps} if "el2n" in stages else {}),
+                        **({"threshold": options.dedup_threshold} if "dedup" in stages else {})}
+    plan = plan_selection(pool, row, options.fraction, strategy_options)
     result = run_selection(pool, plan, SelectContext(seed=options.seed, load_scorer=lambda: scorer,
                                                      device=str(next(model.parameters()).device)))
     return result.selection.kept, result.seconds
@@ -195,7 +199,7 @@ def _slug(row: str) -> str:
 def settings_key(row: str, options) -> str:
     settings = {k: getattr(options, k) for k in ("model", "size", "near_duplicates", "wrong_answers", "off_task",
                                                   "fraction", "epochs", "batch_size", "lr", "eval_examples", "seed",
-                                                  "warmup_steps")}
+                                                  "warmup_steps", "dedup_threshold")}
     return hashlib.sha256(json.dumps({"row": row, **settings}, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -296,6 +300,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--score-batch-size", type=int, default=32)
     parser.add_argument("--warmup-steps", type=int, default=30, help="el2n's warm-up run")
+    parser.add_argument("--dedup-threshold", type=float, default=1.0,
+                        help="dedup's Jaccard threshold; the tasks are templated (distinct state_tracking problems "
+                             "reach 0.9+), and the injected near-duplicates normalise to exact copies")
     parser.add_argument("--eval-examples", type=int, default=100, help="held-out problems per task")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)

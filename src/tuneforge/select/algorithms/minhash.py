@@ -56,46 +56,47 @@ def _hash32(item: str) -> int:
     return int.from_bytes(hashlib.blake2b(item.encode(), digest_size=4).digest(), "little")
 
 
+def choose_bands(num_perm: int, threshold: float) -> int:
+    """Bands whose step (1/b)^(1/r) sits a little below ``threshold``: a pair at the threshold is
+    almost surely a candidate, while clearly different pairs rarely are."""
+    divisors = [b for b in range(1, num_perm + 1) if num_perm % b == 0]
+    return min(divisors, key=lambda b: abs((1 / b) ** (b / num_perm) - 0.9 * threshold))
+
+
 def near_duplicate_clusters(texts: list[str], threshold: float = 0.8, shingle_size: int = 5,
-                            num_perm: int = 128, bands: int = 32, seed: int = 0) -> list[list[int]]:
+                            num_perm: int = 128, seed: int = 0) -> list[list[int]]:
     """Groups of indices whose texts are exact duplicates after normalisation, or whose estimated
-    Jaccard similarity reaches ``threshold``; singletons are left out. Clusters are transitive
-    (union-find), sorted by their first index."""
-    parent = list(range(len(texts)))
+    Jaccard similarity with the group's first text reaches ``threshold``; singletons are left out.
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    def union(i: int, j: int) -> None:
-        ri, rj = find(i), find(j)
-        if ri != rj:
-            parent[max(ri, rj)] = min(ri, rj)
-
-    exact: dict[str, int] = {}
-    for index, text in enumerate(texts):
-        first = exact.setdefault(normalise_text(text), index)
-        if first != index:
-            union(first, index)
+    Leader clustering in text order: a text joins the most similar earlier leader among its LSH
+    candidates, or becomes a leader. Every member is similar to its leader itself, so templated data
+    cannot chain distinct texts into one giant cluster (as a transitive closure would), and only
+    leaders are compared, never all pairs of a bucket."""
     hasher = MinHasher(num_perm, seed)
+    bands = choose_bands(num_perm, threshold)
     rows = num_perm // bands
-    signatures = np.stack([hasher.signature(shingles(t, shingle_size)) for t in texts]) if texts else np.zeros((0, num_perm))
+    leader_of_text: dict[str, int] = {}
+    leader_of: dict[int, int] = {}
     buckets: dict[tuple[int, bytes], list[int]] = defaultdict(list)
-    for index in range(len(texts)):
-        for band in range(bands):
-            buckets[(band, signatures[index, band * rows:(band + 1) * rows].tobytes())].append(index)
-    checked: set[tuple[int, int]] = set()
-    for members in buckets.values():
-        for position, i in enumerate(members):
-            for j in members[position + 1:]:
-                if (i, j) in checked or find(i) == find(j):
-                    continue
-                checked.add((i, j))
-                if float(np.mean(signatures[i] == signatures[j])) >= threshold:
-                    union(i, j)
+    signatures = np.zeros((len(texts), num_perm), dtype=np.uint64)
+    for index, text in enumerate(texts):
+        normalised = normalise_text(text)
+        if normalised in leader_of_text:
+            leader_of[index] = leader_of_text[normalised]
+            continue
+        signatures[index] = hasher.signature(shingles(text, shingle_size))
+        keys = [(band, signatures[index, band * rows:(band + 1) * rows].tobytes()) for band in range(bands)]
+        candidates = sorted({leader for key in keys for leader in buckets.get(key, ())})
+        if candidates:
+            agreement = (signatures[candidates] == signatures[index]).mean(axis=1)
+            best = int(agreement.argmax())
+            if agreement[best] >= threshold:
+                leader_of[index] = leader_of_text[normalised] = candidates[best]
+                continue
+        leader_of_text[normalised] = index
+        for key in keys:
+            buckets[key].append(index)
     groups: dict[int, list[int]] = defaultdict(list)
-    for index in range(len(texts)):
-        groups[find(index)].append(index)
-    return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+    for member, leader in leader_of.items():
+        groups[leader].append(member)
+    return sorted(([leader, *sorted(members)] for leader, members in groups.items()), key=lambda g: g[0])

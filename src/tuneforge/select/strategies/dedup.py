@@ -3,7 +3,10 @@
 Near-duplicates are found with MinHash signatures and LSH banding on normalised text
 (algorithms/minhash.py), as in Lee et al., "Deduplicating Training Data Makes Language Models
 Better" (ACL 2022, arXiv:2107.06499), which uses MinHash with a Jaccard threshold of 0.8 on 5-gram
-shingles. Each cluster is reported with its members. Dedup is a filter: without a budget it keeps
+shingles; we cluster around leaders rather than by transitive closure (see near_duplicate_clusters).
+Templated data is lexically close: distinct bundled state_tracking problems reach Jaccard 0.9+, so
+raise ``threshold`` (1.0: only texts equal after normalisation or with equal shingle signatures)
+for such data. Each cluster is reported with its members. Dedup is a filter: without a budget it keeps
 every cluster's first example and every unique one; with a smaller budget it keeps a seeded random
 sample of those.
 """
