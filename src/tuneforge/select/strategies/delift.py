@@ -2,7 +2,9 @@
 
 Agarwal, Killamsetty, Popa & Danilevsky, "DELIFT: Data Efficient Language model Instruction
 Fine-Tuning" (ICLR 2025, arXiv:2411.04425). Its utility of example j for example i is how much
-showing j as an in-context example improves the model's prediction of i's reply:
+showing j as an in-context example improves the model's prediction of i's reply: the distance
+between i's ground truth and the model's output without j in context, minus that distance with j.
+In our notation (checked against the paper's abstract and summaries, not symbol for symbol):
 
     U_ij = d(y_i, p(. | x_i)) - d(y_i, p(. | x_j, y_j, x_i))
 
