@@ -41,6 +41,13 @@ def test_select_command_writes_the_kept_examples_and_a_report(tmp_path):
     assert "## Dropped (8" in (report / "selection.md").read_text()
 
 
+def test_select_command_reads_a_bundled_dataset_with_its_options(tmp_path):
+    output = tmp_path / "selected.jsonl"
+    assert main(["select", "arithmetic", "--data-option", "size=20", "--strategy", "random", "--budget", "5",
+                 "--output", str(output)]) == 0
+    assert len(load_examples(output).examples) == 5
+
+
 def test_candidate_records_load_as_a_candidate_pool(tmp_path):
     data = write_jsonl(tmp_path / "c.jsonl", [{"instruction": "Add", "input": "2 and 3", "candidates": ["5", "six"]},
                                                {"prompt": "Say hi", "candidates": ["hi"]}])

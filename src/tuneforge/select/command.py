@@ -36,16 +36,18 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per scoring batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", default=None, help="record format when it cannot be detected")
+    parser.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option of a bundled dataset, e.g. size=1000 (repeatable)")
     parser.add_argument("--cache-dir", default=None, help="score cache (default ~/.cache/tuneforge/select)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write cached scores")
 
 
-def parse_options(pairs: list[str]) -> dict:
+def parse_options(pairs: list[str], flag: str = "--option") -> dict:
     options = {}
     for pair in pairs:
         key, separator, value = pair.partition("=")
         if not separator or not key:
-            raise ConfigError(f"--option {pair!r} is not KEY=VALUE (e.g. --option threshold=0.9)")
+            raise ConfigError(f"{flag} {pair!r} is not KEY=VALUE (e.g. {flag} threshold=0.9)")
         options[key.strip()] = yaml.safe_load(value)
     return options
 
@@ -59,7 +61,7 @@ def run_select(args) -> int:
     from tuneforge.select.scoring.model import load_scoring_model
 
     console = Console(stderr=True)
-    pool = load_pool(args.data, format=args.format)
+    pool = load_pool(args.data, format=args.format, **parse_options(args.data_option, "--data-option"))
     plan = plan_selection(pool, args.strategy, args.budget, parse_options(args.option))
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
 
