@@ -29,6 +29,7 @@ from tuneforge.config.schema import TrainConfig
 from tuneforge.errors import ConfigError
 from tuneforge.eval.generation import gold_answer, require_gold_answers, score_generation
 from tuneforge.eval.loss import autocast, evaluate_loss
+from tuneforge.select.training import plan_training_selection
 from tuneforge.losses import token_loss_sum
 from tuneforge.train.checkpoint import (
     CheckpointError,
@@ -70,8 +71,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     torch.manual_seed(config.training.seed)
     device = resolve_device(config.device)
     strategy = pick_strategy(device)
+    selection = plan_training_selection(config, run_dir)  # every selection check, before the model loads
     model, tokenizer = model_and_tokenizer or _load_base(config, device)
-    data = prepare_data(config, tokenizer)
+    data = prepare_data(config, tokenizer, select=selection.bind(model, tokenizer) if selection else None)
     if config.training.eval_generate:
         require_gold_answers(data.eval_examples[: config.training.eval_generate])
     if config.quantization is not None and model_and_tokenizer is not None:
@@ -98,6 +100,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         if scaler is not None and "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
     claim_run_dir(config, run_dir, resume, overwrite)  # everything loaded: only now may an old run move aside
+    if selection is not None:
+        selection.record()
     remove_stale_temp_dirs(run_dir)
     guard = NonFiniteGuard(config.training.max_nonfinite_steps)
     log = MetricsLog(run_dir, resume_step=state.step if resume else None)
