@@ -37,10 +37,13 @@ ADAPTER_NAME = "default"
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, model_and_tokenizer=None,
-          on_step: Callable[[int, float], None] | None = None) -> RunSummary:
+          on_step: Callable[[int, float], None] | None = None,
+          prepare_adapter: Callable[[nn.Module], None] | None = None) -> RunSummary:
     """Finetune ``config.model`` with ``config.adapter`` on ``config.data``; returns the summary.
 
-    ``model_and_tokenizer`` lets tests and benchmarks pass an already-built model.
+    ``model_and_tokenizer`` lets tests and benchmarks pass an already-built model. ``prepare_adapter``
+    runs once the adapter is attached and before the optimizer is built: federated clients load the
+    global adapter there (and may freeze parts of it).
     """
     run_dir = prepare_run_dir(config, resume, overwrite)
     torch.manual_seed(config.training.seed)
@@ -53,6 +56,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     torch.manual_seed(config.training.seed)  # adapter init must not depend on what loading consumed
     add_adapter(model, config.adapter, ADAPTER_NAME, **_attach_options(config, tokenizer))
     model.to(device)
+    if prepare_adapter is not None:
+        prepare_adapter(model)
     hooks = training_hooks(model, ADAPTER_NAME)
     if hooks.needs_data():
         hooks.prepare(model, _init_batches(data, strategy, config.training.init_batches),
