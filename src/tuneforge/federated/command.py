@@ -1,0 +1,33 @@
+"""``tuneforge federated CONFIG.yaml [key=value ...]``: run a Flower federation on this machine."""
+
+from __future__ import annotations
+
+
+def add_federated_arguments(sub) -> None:
+    sub.add_argument("config", help="YAML train config with a `federated:` section (see examples/federated_lora.yaml)")
+    sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. federated.rounds=3")
+
+
+def run_federated_command(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tuneforge.federated.launch import run_federated
+
+    console = Console()
+    results = run_federated(args.config, list(args.overrides), say=console.print)
+    table = Table(title=f"federated {results['method']}, {results['clients']} clients")
+    for column in ("round", "global eval loss", "clients averaged", "failed", "rejected", "bytes up / client",
+                   "bytes down / client"):
+        table.add_column(column)
+    for round_key, record in sorted(results["rounds"].items(), key=lambda item: int(item[0])):
+        up, down = record.get("up_bytes", {}), record.get("down_bytes", {})
+        table.add_row(round_key, f"{results['global_eval_loss'].get(round_key, float('nan')):.4f}",
+                      str(len(record.get("clients", {}))), str(len(record.get("failures", []))),
+                      str(len(record.get("rejected", []))), _mean(up), _mean(down))
+    console.print(table)
+    return 0
+
+
+def _mean(per_client: dict) -> str:
+    return f"{sum(per_client.values()) / len(per_client):,.0f}" if per_client else "-"
