@@ -121,16 +121,19 @@ class LocalFederation:
                                       "--disable-runtime-dependency-installation"])
             _wait_for_port(self.port, 60, self.logs / "superlink.log")
             for client in range(self.clients):
-                node_config = (f'partition-id={client} num-partitions={self.clients} '
-                               f'workdir="{self.workdir}"')
-                self._start(f"supernode-{client}", [
-                    flower_executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                    "--host", "127.0.0.1", "--port", str(self.port + 1 + client), "--node-config", node_config])
+                self.add_supernode(client, client, self.clients)
         except BaseException:
             self.__exit__(None, None, None)
             raise
         self.say(f"Flower SuperLink on 127.0.0.1:{self.port}, {self.clients} SuperNode(s); logs in {self.logs}")
         return self
+
+    def add_supernode(self, index: int, partition_id: int, partitions: int) -> None:
+        """SuperNode ``index`` holding data partition ``partition_id`` of ``partitions``."""
+        node_config = f'partition-id={partition_id} num-partitions={partitions} workdir="{self.workdir}"'
+        self._start(f"supernode-{index}", [
+            flower_executable("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+            "--host", "127.0.0.1", "--port", str(self.port + 1 + index), "--node-config", node_config])
 
     def _start(self, name: str, command: list[str]) -> None:
         log = open(self.logs / f"{name}.log", "wb")
