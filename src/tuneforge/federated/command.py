@@ -17,12 +17,14 @@ def run_federated_command(args) -> int:
     console = Console()
     results = run_federated(args.config, list(args.overrides), say=console.print)
     table = Table(title=f"federated {results['method']}, {results['clients']} clients")
-    for column in ("round", "global eval loss", "clients averaged", "failed", "rejected", "bytes up / client",
+    for column in ("round", "global eval loss", "client eval loss (mean)", "clients averaged", "failed", "rejected", "bytes up / client",
                    "bytes down / client"):
         table.add_column(column)
     for round_key, record in sorted(results["rounds"].items(), key=lambda item: int(item[0])):
         up, down = record.get("up_bytes", {}), record.get("down_bytes", {})
+        client_losses = [m["eval-loss"] for m in record.get("client_eval", {}).values()]
         table.add_row(round_key, f"{results['global_eval_loss'].get(round_key, float('nan')):.4f}",
+                      f"{sum(client_losses) / len(client_losses):.4f}" if client_losses else "-",
                       str(len(record.get("clients", {}))), str(len(record.get("failures", []))),
                       str(len(record.get("rejected", []))), _mean(up), _mean(down))
     console.print(table)

@@ -8,6 +8,8 @@ then points there, so training reads the part through the same data path as any 
 from __future__ import annotations
 
 import json
+
+import numpy as np
 from pathlib import Path
 
 from tuneforge.config.schema import TrainConfig
@@ -53,6 +55,10 @@ def client_parts(labels: list[str], settings: FederatedSettings, seed_offset: in
     return dirichlet_partition(labels, settings.clients, settings.alpha, seed)
 
 
+def _shuffled(indices: list[int], seed: int) -> list[int]:
+    return [indices[i] for i in np.random.default_rng(seed).permutation(len(indices))]
+
+
 def write_examples(examples: list[Example], path: Path) -> None:
     """The examples as a jsonl file tuneforge reads back unchanged (messages or text format)."""
     lines = []
@@ -70,13 +76,14 @@ def client_train_config(config: TrainConfig, settings: FederatedSettings, partit
     """``config`` pointed at client ``partition_id``'s own train (and eval) files in ``workdir``."""
     workdir.mkdir(parents=True, exist_ok=True)
     train_examples, train_labels = pooled_examples(config, settings, "train")
-    own = client_parts(train_labels, settings)[partition_id]
+    own = _shuffled(client_parts(train_labels, settings)[partition_id], settings.seed)
     write_examples([train_examples[i] for i in own], workdir / "train.jsonl")
     eval_path = None
     if config.data.eval_size != 0:
         eval_examples, eval_labels = pooled_examples(config, settings, "eval")
         if len(eval_examples) >= settings.clients:
-            own_eval = client_parts(eval_labels, settings, seed_offset=1)[partition_id]
+            # shuffled, so that trimming to data.eval_size keeps a mix of the client's tasks
+            own_eval = _shuffled(client_parts(eval_labels, settings, seed_offset=1)[partition_id], settings.seed)
             eval_path = workdir / "eval.jsonl"
             write_examples([eval_examples[i] for i in own_eval], eval_path)
     data = config.data.model_copy(update={"train": str(workdir / "train.jsonl"), "format": "messages"
@@ -95,10 +102,12 @@ def global_eval_config(config: TrainConfig, settings: FederatedSettings, workdir
     if not eval_examples:
         return None
     workdir.mkdir(parents=True, exist_ok=True)
+    eval_examples = [eval_examples[i] for i in _shuffled(list(range(len(eval_examples))), settings.seed)]
     write_examples(eval_examples, workdir / "global_eval.jsonl")
     write_examples(eval_examples[:1], workdir / "unused_train.jsonl")
     data = config.data.model_copy(update={"train": str(workdir / "unused_train.jsonl"),
                                           "eval": str(workdir / "global_eval.jsonl"),
                                           "format": "messages" if eval_examples[0].is_chat else "text",
+                                          "eval_size": (config.data.eval_size or 0) * settings.clients or None,
                                           "options": {}})
     return config.model_copy(update={"data": data})
