@@ -90,3 +90,16 @@ def test_a_supernode_without_a_fitting_partition_fails_clearly(tmp_path):
                       state=RecordDict(), run_config={})
     with pytest.raises(Exception, match="partition-id=3 num-partitions=3 does not fit federated.clients=3"):
         client_train(message(raw, global_adapter(raw), "train"), context)
+
+
+def test_a_client_with_data_of_its_own_trains_on_all_of_it(tmp_path):
+    raw = raw_config(tmp_path)
+    records = [{"messages": [{"role": "user", "content": f"{i} + 1?"}, {"role": "assistant", "content": str(i + 1)}]}
+               for i in range(5)]
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    context = Context(run_id=1, node_id=0, node_config={"partition-id": 0, "num-partitions": 3,
+                                                          "data": str(tmp_path / "mine.jsonl"),
+                                                          "workdir": str(tmp_path / "clients")},
+                      state=RecordDict(), run_config={})
+    reply = client_train(message(raw, global_adapter(raw), "train"), context)
+    assert reply.content["metrics"]["num-examples"] == 5  # the whole local file, not a share of the pool

@@ -28,9 +28,10 @@ from tuneforge.config.overrides import load_config_file
 from tuneforge.config.schema import TrainConfig
 from tuneforge.errors import ConfigError
 from tuneforge.federated.config import FederatedSettings, parse_federated_config
-from tuneforge.federated.data import client_train_config, global_eval_config
+from tuneforge.federated.data import client_train_config, global_eval_config, local_data_config
 from tuneforge.federated.updates import state_arrays, trained_keys, update_problem, weighted_average
 from tuneforge.fileio import atomic_write_json
+from tuneforge.train.data_setup import load_split
 
 ADAPTER_NAME = "default"  # the name tuneforge.train gives the adapter it trains
 GLOBAL_ADAPTER = Path("<global adapter>")  # how load errors name the server's arrays
@@ -67,7 +68,7 @@ def client_train(msg: Message, context: Context) -> Message:
     config, settings, round_number = _sent_config(msg)
     partition_id = _partition_id(context, settings)
     workdir = _client_workdir(context, partition_id)
-    client_config = client_train_config(config, settings, partition_id, workdir)
+    client_config = _client_config(config, settings, context, partition_id)
     # each round and client its own data order and dropout, all reproducible from the config's seed
     seed = config.training.seed + 1000 * round_number + partition_id
     client_config = client_config.model_copy(update={"training": client_config.training.model_copy(update={"seed": seed})})
@@ -80,7 +81,7 @@ def client_train(msg: Message, context: Context) -> Message:
 
     summary = train(client_config, overwrite=True, prepare_adapter=start_from_global)
     model = trained["model"]
-    examples = sum(1 for _ in open(workdir / "train.jsonl", encoding="utf-8"))
+    examples = len(load_split(client_config, client_config.data.train, "train")[0])
     update = state_arrays(model, ADAPTER_NAME, trained_keys(model, ADAPTER_NAME))
     metrics = {"num-examples": examples, "train-loss": float(summary.final_train_loss or 0.0),
                "partition-id": partition_id}
@@ -91,7 +92,7 @@ def client_train(msg: Message, context: Context) -> Message:
 def client_evaluate(msg: Message, context: Context) -> Message:
     config, settings, _ = _sent_config(msg)
     partition_id = _partition_id(context, settings)
-    client_config = client_train_config(config, settings, partition_id, _client_workdir(context, partition_id))
+    client_config = _client_config(config, settings, context, partition_id)
     loss, count = _evaluate(client_config, from_record(msg.content["arrays"]))
     metrics = {"num-examples": count, "eval-loss": loss, "partition-id": partition_id}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -113,6 +114,17 @@ def _partition_id(context: Context, settings: FederatedSettings) -> int:
         raise ConfigError(f"node config partition-id={partition_id} num-partitions={partitions} does not fit "
                           f"federated.clients={settings.clients} (partition-id must be 0..{settings.clients - 1})")
     return partition_id
+
+
+def _client_config(config: TrainConfig, settings: FederatedSettings, context: Context, partition_id: int):
+    """This client's train config: its partition of the pooled sources, or (node config ``data``, and
+    optionally ``eval-data``) files that exist only on this machine, used whole."""
+    workdir = _client_workdir(context, partition_id)
+    local = context.node_config.get("data")
+    if local:
+        local_eval = context.node_config.get("eval-data")
+        return local_data_config(config, str(local), str(local_eval) if local_eval else None, workdir)
+    return client_train_config(config, settings, partition_id, workdir)
 
 
 def _client_workdir(context: Context, partition_id: int) -> Path:

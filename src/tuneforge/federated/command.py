@@ -6,6 +6,8 @@ from __future__ import annotations
 def add_federated_arguments(sub) -> None:
     sub.add_argument("config", help="YAML train config with a `federated:` section (see examples/federated_lora.yaml)")
     sub.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. federated.rounds=3")
+    sub.add_argument("--write-app", metavar="DIR", help="only write the Flower app directory (for `flwr run` on real "
+                                                         "machines, docs/federated.md) and exit")
 
 
 def run_federated_command(args) -> int:
@@ -15,6 +17,13 @@ def run_federated_command(args) -> int:
     from tuneforge.federated.launch import run_federated
 
     console = Console()
+    if args.write_app:
+        from pathlib import Path
+
+        from tuneforge.federated.launch import write_flower_app
+
+        console.print(f"Flower app written to {write_flower_app(Path(args.write_app))}")
+        return 0
     results = run_federated(args.config, list(args.overrides), say=console.print)
     table = Table(title=f"federated {results['method']}, {results['clients']} clients")
     for column in ("round", "global eval loss", "client eval loss (mean)", "clients averaged", "failed", "rejected", "bytes up / client",

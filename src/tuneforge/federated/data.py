@@ -94,6 +94,13 @@ def client_train_config(config: TrainConfig, settings: FederatedSettings, partit
     return config.model_copy(update={"data": data, "output_dir": str(workdir / "run")})
 
 
+def local_data_config(config: TrainConfig, train_path: str, eval_path: str | None, workdir: Path) -> TrainConfig:
+    """``config`` pointed at data that exists only on this client's machine, used whole (no split)."""
+    data = config.data.model_copy(update={"train": train_path, "eval": eval_path, "options": {},
+                                          "eval_size": config.data.eval_size if eval_path else 0})
+    return config.model_copy(update={"data": data, "output_dir": str(workdir / "run")})
+
+
 def global_eval_config(config: TrainConfig, settings: FederatedSettings, workdir: Path) -> TrainConfig | None:
     """``config`` pointed at the union of every client's eval data (the server's global evaluation)."""
     if config.data.eval_size == 0:
