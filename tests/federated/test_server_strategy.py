@@ -36,8 +36,8 @@ def reply(arrays, examples=10):
                    dst_node_id=1, message_type="train")
 
 
-def strategy(min_replies=1):
-    screened = ScreenedFedAvg(expected=EXPECTED, min_train_nodes=min_replies, min_available_nodes=1)
+def strategy(min_replies=1, privacy=None):
+    screened = ScreenedFedAvg(expected=EXPECTED, min_train_nodes=min_replies, min_available_nodes=1, privacy=privacy)
     screened.global_arrays = {"layer.lora_A.weight": np.ones((2, 4), np.float32),
                               "layer.lora_B.weight": np.zeros((3, 2), np.float32)}
     screened.rounds[1] = {"down_bytes": {}, "up_bytes": {}, "failures": [], "rejected": [], "clients": {}}
@@ -63,6 +63,23 @@ def test_a_round_with_too_few_usable_updates_stops_the_run():
     with pytest.raises(RuntimeError, match="only 1 usable update"):
         screened.aggregate_train(1, [reply({"layer.lora_B.weight": np.ones((3, 2), np.float32)}),
                                      reply({"layer.lora_B.weight": np.ones((9, 9), np.float32)})])
+
+
+def test_privacy_clips_each_update_then_averages_with_equal_weights():
+    from tuneforge.federated.config import PrivacySettings
+
+    small = np.full((3, 2), 0.1, np.float32)  # norm 0.245: under the bound, kept as is
+    large = np.full((3, 2), 10.0, np.float32)  # norm 24.5: scaled down to norm 1
+    screened = strategy(privacy=PrivacySettings(clipping_norm=1.0, noise_multiplier=0.0))
+    arrays, _ = screened.aggregate_train(1, [reply({"layer.lora_B.weight": small}, 1),
+                                             reply({"layer.lora_B.weight": large}, 99)])
+    clipped_large = large / np.linalg.norm(large)  # the global B is zero, so the update is the array itself
+    np.testing.assert_allclose(from_record(arrays)["layer.lora_B.weight"], (small + clipped_large) / 2, rtol=1e-6)
+
+    noisy = strategy(privacy=PrivacySettings(clipping_norm=1.0, noise_multiplier=2.0))
+    arrays, _ = noisy.aggregate_train(1, [reply({"layer.lora_B.weight": small}), reply({"layer.lora_B.weight": large})])
+    assert noisy.rounds[1]["privacy"]["noise_std"] == pytest.approx(2.0 * 1.0 / 2)
+    assert not np.allclose(from_record(arrays)["layer.lora_B.weight"], (small + clipped_large) / 2)
 
 
 def test_bytes_are_measured_from_the_serialised_content():

@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_clip_model_update, compute_stdv
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from tuneforge.adapters import add_adapter
@@ -27,7 +28,7 @@ from tuneforge.adapters.peft_format import fill_adapter_weights
 from tuneforge.config.overrides import load_config_file
 from tuneforge.config.schema import TrainConfig
 from tuneforge.errors import ConfigError
-from tuneforge.federated.config import FederatedSettings, parse_federated_config
+from tuneforge.federated.config import FederatedSettings, PrivacySettings, parse_federated_config
 from tuneforge.federated.data import client_train_config, global_eval_config, local_data_config
 from tuneforge.federated.updates import state_arrays, trained_keys, update_problem, weighted_average
 from tuneforge.fileio import atomic_write_json
@@ -159,9 +160,10 @@ class ScreenedFedAvg(FedAvg):
     keys, shapes and finite float values is rejected (logged, counted) rather than averaged in. Only the
     trained keys come back (FFA-LoRA: B only); the rest of the global adapter is kept as it was."""
 
-    def __init__(self, *, expected: dict[str, tuple[int, ...]], **kwargs):
+    def __init__(self, *, expected: dict[str, tuple[int, ...]], privacy: PrivacySettings | None = None, **kwargs):
         super().__init__(**kwargs)
         self.expected = expected
+        self.privacy = privacy
         self.global_arrays: dict[str, np.ndarray] = {}
         self.rounds: dict[int, dict] = {}
 
@@ -197,8 +199,29 @@ class ScreenedFedAvg(FedAvg):
             raise RuntimeError(f"round {server_round}: only {len(accepted)} usable update(s), "
                                f"federated.min_clients={self.min_train_nodes} needed")
         merged = dict(self.global_arrays)
-        merged.update(weighted_average(accepted, weights))
+        if self.privacy is None:
+            merged.update(weighted_average(accepted, weights))
+        else:
+            merged.update(self._private_average(accepted, record))
         return to_record(merged), MetricRecord({"clients-averaged": len(accepted)})
+
+    def _private_average(self, accepted: list[dict[str, np.ndarray]], record: dict) -> dict[str, np.ndarray]:
+        """Flower's fixed-clipping DP primitives on the trained keys (its DP strategy wrappers zip arrays by
+        position, which the B-only replies of FFA-LoRA do not match, and skip a round on any client error)."""
+        clipping_norm, sigma = self.privacy.clipping_norm, self.privacy.noise_multiplier
+        clipped = []
+        for update in accepted:
+            keys = sorted(update)
+            arrays = [update[k] for k in keys]
+            compute_clip_model_update(arrays, [self.global_arrays[k] for k in keys], clipping_norm)
+            clipped.append(dict(zip(keys, arrays)))
+        # equal weights: the noise is calibrated to one client's bounded share of the average
+        averaged = weighted_average(clipped, [1.0] * len(clipped))
+        noise_std = compute_stdv(sigma, clipping_norm, len(clipped))
+        noisy = [averaged[k] for k in sorted(averaged)]
+        add_gaussian_noise_inplace(noisy, noise_std)
+        record["privacy"] = {"clipping_norm": clipping_norm, "noise_std": noise_std}
+        return dict(zip(sorted(averaged), noisy))
 
     def aggregate_evaluate(self, server_round, replies):
         record = self.rounds.setdefault(server_round, {})
@@ -231,11 +254,13 @@ def server_main(grid: Grid, context: Context) -> None:
     results_path = Path(str(context.run_config["results"]))
     raw = load_config_file(config_path)
     config, settings = parse_federated_config(raw, config_path)
-    model, eval_batches, initial, keys = _server_model(config, settings, results_path.parent / "global")
+    model, tokenizer, eval_batches, eval_examples, initial, keys = _server_model(config, settings,
+                                                                                 results_path.parent / "global")
     strategy = ScreenedFedAvg(expected={k: initial[k].shape for k in keys}, fraction_train=1.0, fraction_evaluate=1.0,
                               min_available_nodes=settings.clients, min_train_nodes=settings.required_replies(),
-                              min_evaluate_nodes=settings.required_replies())
+                              min_evaluate_nodes=settings.required_replies(), privacy=settings.privacy)
     global_eval: dict[int, float] = {}
+    global_accuracy: dict[int, float] = {}
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if not eval_batches:
@@ -246,7 +271,14 @@ def server_main(grid: Grid, context: Context) -> None:
                              GLOBAL_ADAPTER)
         global_eval[server_round] = evaluate_loss(model, eval_batches, config.training.precision,
                                                   config.training.loss_chunk_size)
-        return MetricRecord({"eval-loss": global_eval[server_round]})
+        metrics = {"eval-loss": global_eval[server_round]}
+        scored = [e for e in eval_examples[: settings.accuracy_examples] if e.answer is not None]
+        if scored:
+            from tuneforge.eval.generation import score_generation
+
+            score = score_generation(model, tokenizer, scored, template=config.data.template, progress=False)
+            global_accuracy[server_round] = metrics["exact-match"] = score.exact_match
+        return MetricRecord(metrics)
 
     sent = ConfigRecord({"tuneforge-config": json.dumps(raw)})
     result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=settings.rounds,
@@ -255,7 +287,8 @@ def server_main(grid: Grid, context: Context) -> None:
     final = from_record(result.arrays)
     np.savez(results_path.parent / "global_adapter.npz", **final)
     atomic_write_json(results_path, {"method": settings.method, "clients": settings.clients,
-                                     "global_eval_loss": global_eval, "rounds": strategy.rounds})
+                                     "global_eval_loss": global_eval,
+                                     "global_exact_match": global_accuracy, "rounds": strategy.rounds})
 
 
 def _server_model(config: TrainConfig, settings: FederatedSettings, workdir: Path):
@@ -267,6 +300,7 @@ def _server_model(config: TrainConfig, settings: FederatedSettings, workdir: Pat
     loaded = load_model(config.model, dtype=config.dtype, device="cpu")
     torch.manual_seed(config.training.seed)  # the same init a lone tuneforge.train run would start from
     add_adapter(loaded.model, config.adapter, ADAPTER_NAME)
-    eval_config = global_eval_config(config, settings, workdir)
+    eval_config, eval_examples = global_eval_config(config, settings, workdir)
     eval_batches = prepare_data(eval_config, loaded.tokenizer).eval_batches if eval_config else []
-    return loaded.model, eval_batches, state_arrays(loaded.model, ADAPTER_NAME), trained_keys(loaded.model, ADAPTER_NAME)
+    return (loaded.model, loaded.tokenizer, eval_batches, eval_examples, state_arrays(loaded.model, ADAPTER_NAME),
+            trained_keys(loaded.model, ADAPTER_NAME))

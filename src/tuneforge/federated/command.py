@@ -12,7 +12,6 @@ def add_federated_arguments(sub) -> None:
 
 def run_federated_command(args) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from tuneforge.federated.launch import run_federated
 
@@ -25,20 +24,33 @@ def run_federated_command(args) -> int:
         console.print(f"Flower app written to {write_flower_app(Path(args.write_app))}")
         return 0
     results = run_federated(args.config, list(args.overrides), say=console.print)
+    console.print(results_table(results))
+    return 0
+
+
+def results_table(results: dict):
+    """One row per round of ``federated_results.json``; round 0 is the global adapter before training."""
+    from rich.table import Table
+
     table = Table(title=f"federated {results['method']}, {results['clients']} clients")
-    for column in ("round", "global eval loss", "client eval loss (mean)", "clients averaged", "failed", "rejected", "bytes up / client",
-                   "bytes down / client"):
+    for column in ("round", "global eval loss", "global exact match", "client eval loss (mean)", "clients averaged",
+                   "failed", "rejected", "bytes up / client", "bytes down / client"):
         table.add_column(column)
-    for round_key, record in sorted(results["rounds"].items(), key=lambda item: int(item[0])):
+    losses, accuracy = results["global_eval_loss"], results.get("global_exact_match", {})
+    for round_key in sorted(set(results["rounds"]) | set(losses), key=int):  # round 0: before any training
+        record = results["rounds"].get(round_key, {})
         up, down = record.get("up_bytes", {}), record.get("down_bytes", {})
         client_losses = [m["eval-loss"] for m in record.get("client_eval", {}).values()]
-        table.add_row(round_key, f"{results['global_eval_loss'].get(round_key, float('nan')):.4f}",
-                      f"{sum(client_losses) / len(client_losses):.4f}" if client_losses else "-",
+        table.add_row(round_key, _number(losses.get(round_key)), _number(accuracy.get(round_key)),
+                      _number(sum(client_losses) / len(client_losses) if client_losses else None),
                       str(len(record.get("clients", {}))), str(len(record.get("failures", []))),
                       str(len(record.get("rejected", []))), _mean(up), _mean(down))
-    console.print(table)
-    return 0
+    return table
 
 
 def _mean(per_client: dict) -> str:
     return f"{sum(per_client.values()) / len(per_client):,.0f}" if per_client else "-"
+
+
+def _number(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

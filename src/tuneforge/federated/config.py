@@ -23,6 +23,18 @@ from tuneforge.config.schema import TrainConfig, parse_train_config
 from tuneforge.errors import ConfigError
 
 
+class PrivacySettings(BaseModel):
+    """Central DP with fixed clipping (Geyer et al. 2017, arXiv:1710.06963): each client's update
+    (its tensors minus the global ones) is clipped to L2 norm ``clipping_norm``, the clipped updates are
+    averaged with equal weights, and Gaussian noise of std ``noise_multiplier · clipping_norm / m`` is
+    added to the average of m updates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clipping_norm: float = Field(..., gt=0, description="L2 bound of one client's update")
+    noise_multiplier: float = Field(..., ge=0, description="noise std in units of clipping_norm / clients")
+
+
 class FederatedSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -38,6 +50,9 @@ class FederatedSettings(BaseModel):
     min_clients: int | None = Field(
         None, ge=1, description="replies a round needs to aggregate (default: all clients); fewer ends the run")
     round_timeout_s: float = Field(900.0, gt=0, description="seconds a round waits for client replies")
+    accuracy_examples: int = Field(
+        0, ge=0, description="union-eval examples the server scores by exact match each round (0: loss only)")
+    privacy: PrivacySettings | None = Field(None, description="clip and noise client updates (central DP)")
     seed: int = Field(0, description="seed of the partition")
     port: int = Field(19091, ge=1024, le=65535, description="loopback port of the local SuperLink")
 

@@ -101,13 +101,15 @@ def local_data_config(config: TrainConfig, train_path: str, eval_path: str | Non
     return config.model_copy(update={"data": data, "output_dir": str(workdir / "run")})
 
 
-def global_eval_config(config: TrainConfig, settings: FederatedSettings, workdir: Path) -> TrainConfig | None:
-    """``config`` pointed at the union of every client's eval data (the server's global evaluation)."""
+def global_eval_config(config: TrainConfig, settings: FederatedSettings,
+                       workdir: Path) -> tuple[TrainConfig | None, list[Example]]:
+    """``config`` pointed at the union of every client's eval data (the server's global evaluation),
+    and those examples, shuffled."""
     if config.data.eval_size == 0:
-        return None
+        return None, []
     eval_examples, _ = pooled_examples(config, settings, "eval")
     if not eval_examples:
-        return None
+        return None, []
     workdir.mkdir(parents=True, exist_ok=True)
     eval_examples = [eval_examples[i] for i in _shuffled(list(range(len(eval_examples))), settings.seed)]
     write_examples(eval_examples, workdir / "global_eval.jsonl")
@@ -117,4 +119,4 @@ def global_eval_config(config: TrainConfig, settings: FederatedSettings, workdir
                                           "format": "messages" if eval_examples[0].is_chat else "text",
                                           "eval_size": (config.data.eval_size or 0) * settings.clients or None,
                                           "options": {}})
-    return config.model_copy(update={"data": data})
+    return config.model_copy(update={"data": data}), eval_examples

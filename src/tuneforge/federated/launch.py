@@ -115,6 +115,7 @@ class LocalFederation:
         atomic_write_text(self.home / "config.toml",
                           f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
                           f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        _check_ports_free(self.port, self.clients + 1)
         try:
             self._start("superlink", [flower_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1",
                                       "--port", str(self.port), "--database", ":flwr-in-memory:",
@@ -164,6 +165,15 @@ class LocalFederation:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+
+
+def _check_ports_free(first: int, count: int) -> None:
+    """The SuperLink takes ``first``, the SuperNodes the next ports: fail now, not as a confusing hang."""
+    for port in range(first, first + count):
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                raise FederatedRunError(f"port {port} on 127.0.0.1 is in use (federated.port={first} takes ports "
+                                        f"{first}..{first + count - 1}); set another federated.port")
 
 
 def _wait_for_port(port: int, timeout_s: float, log: Path) -> None:
