@@ -109,3 +109,37 @@ def test_malformed_updates_are_named(update, reason):
 
 def test_well_formed_update_passes():
     assert update_problem({"w": np.zeros((2, 2), np.float32)}, {"w": (2, 2)}) is None
+
+
+def test_compressed_upload_decodes_to_comPEFT_of_the_change():
+    from tuneforge.federated.updates import compress_update, decompress_update
+
+    rng = np.random.default_rng(0)
+    reference = {"b": rng.normal(size=(8, 16)).astype(np.float32)}
+    update = {"b": reference["b"] + rng.normal(size=(8, 16)).astype(np.float32)}
+    sent = compress_update(update, reference, density=0.25)
+    decoded = decompress_update(sent, reference, {"b": (8, 16)})
+    # ComPEFT written out: keep the top 25% of |Δ|, replace each by sign · mean(|kept|)
+    delta = (update["b"] - reference["b"]).reshape(-1)
+    kept = np.argsort(-np.abs(delta))[: int(0.25 * delta.size)]
+    expected = np.zeros_like(delta)
+    expected[kept] = np.sign(delta[kept]) * np.abs(delta[kept]).mean()
+    np.testing.assert_allclose(decoded["b"], reference["b"] + expected.reshape(8, 16), rtol=1e-6, atol=1e-6)
+    dense_bytes = update["b"].nbytes
+    assert sum(a.nbytes for a in sent.values()) * 10 <= dense_bytes  # 16 + 4 + 4 bytes against 512
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda sent: sent.pop("b::signs"), "signs of 0 bytes"),
+    (lambda sent: sent.update({"b::mask": sent["b::mask"][:-1]}), "mask of 15 bytes, expected 16"),
+    (lambda sent: sent.update({"c::mask": sent["b::mask"]}), "unexpected"),
+    (lambda sent: sent.update({"b::scale": np.array([np.inf], np.float32)}), "one finite number"),
+])
+def test_malformed_compressed_uploads_are_refused(damage, reason):
+    from tuneforge.federated.updates import compress_update, decompress_update
+
+    reference = {"b": np.zeros((8, 16), np.float32)}
+    sent = compress_update({"b": np.ones((8, 16), np.float32)}, reference, density=0.5)
+    damage(sent)
+    with pytest.raises(ValueError, match=reason):
+        decompress_update(sent, reference, {"b": (8, 16)})

@@ -37,7 +37,7 @@ def write_config(tmp_path, model_dir, **federated):
         "adapter": {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
         "data": {"train": "arithmetic", "options": {"size": 24}, "max_seq_len": 128, "eval_size": 8},
         "training": {"max_steps": 3, "batch_size": 4, "lr": 0.01, "log_every": 1, "warmup_steps": 0},
-        "federated": {"clients": 2, "rounds": 1, "port": 19391, **federated},
+        "federated": {"clients": 2, "rounds": 1, "port": 19391, "accuracy_examples": 4, **federated},
     }
     path = tmp_path / "federated.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -66,3 +66,6 @@ def test_loopback_round_survives_a_crashing_client_and_counts_bytes(tmp_path, ti
     final = np.load(run_dir / "global_adapter.npz")
     assert not np.allclose(final[trained_keys(model, "default")[-1]], 0)  # B moved off its zero init
     assert torch.isfinite(torch.tensor(outcome["global_eval_loss"]["1"]))
+    assert set(outcome["global_exact_match"]) == {"0", "1"}  # scored by generation before and after the round
+    assert all(0.0 <= value <= 1.0 for value in outcome["global_exact_match"].values())
+    assert {m["partition-id"] for m in round_one["client_eval"].values()} == {0, 1}  # each on its own data

@@ -95,3 +95,17 @@ def test_example_config_parses_and_its_partition_fits():
     _check_partitions(config, settings)
     with pytest.raises(PartitionError, match="federated.clients=5000"):
         _check_partitions(config, settings.model_copy(update={"clients": 5000, "partition": "iid"}))
+
+
+def test_compressed_replies_are_decoded_and_averaged_and_broken_ones_rejected():
+    from tuneforge.federated.updates import compress_update
+
+    screened = ScreenedFedAvg(expected=EXPECTED, min_train_nodes=1, min_available_nodes=1, compressed=True)
+    screened.global_arrays = {"layer.lora_B.weight": np.zeros((3, 2), np.float32)}
+    screened.rounds[1] = {"down_bytes": {}, "up_bytes": {}, "failures": [], "rejected": [], "clients": {}}
+    good = compress_update({"layer.lora_B.weight": np.full((3, 2), 2.0, np.float32)}, screened.global_arrays, 1.0)
+    broken = dict(good)
+    broken["layer.lora_B.weight::mask"] = np.zeros(5, np.uint8)
+    arrays, _ = screened.aggregate_train(1, [reply(good), reply(broken)])
+    np.testing.assert_allclose(from_record(arrays)["layer.lora_B.weight"], 2.0)
+    assert "mask of 5 bytes" in screened.rounds[1]["rejected"][0]["reason"]

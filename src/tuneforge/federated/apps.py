@@ -30,7 +30,14 @@ from tuneforge.config.schema import TrainConfig
 from tuneforge.errors import ConfigError
 from tuneforge.federated.config import FederatedSettings, PrivacySettings, parse_federated_config
 from tuneforge.federated.data import client_train_config, global_eval_config, local_data_config
-from tuneforge.federated.updates import state_arrays, trained_keys, update_problem, weighted_average
+from tuneforge.federated.updates import (
+    compress_update,
+    decompress_update,
+    state_arrays,
+    trained_keys,
+    update_problem,
+    weighted_average,
+)
 from tuneforge.fileio import atomic_write_json
 from tuneforge.train.data_setup import load_split
 
@@ -84,6 +91,8 @@ def client_train(msg: Message, context: Context) -> Message:
     model = trained["model"]
     examples = len(load_split(client_config, client_config.data.train, "train")[0])
     update = state_arrays(model, ADAPTER_NAME, trained_keys(model, ADAPTER_NAME))
+    if settings.compress_density is not None:
+        update = compress_update(update, {k: v.numpy() for k, v in global_state.items()}, settings.compress_density)
     metrics = {"num-examples": examples, "train-loss": float(summary.final_train_loss or 0.0),
                "partition-id": partition_id}
     return Message(RecordDict({"arrays": to_record(update), "metrics": MetricRecord(metrics)}), reply_to=msg)
@@ -160,8 +169,10 @@ class ScreenedFedAvg(FedAvg):
     keys, shapes and finite float values is rejected (logged, counted) rather than averaged in. Only the
     trained keys come back (FFA-LoRA: B only); the rest of the global adapter is kept as it was."""
 
-    def __init__(self, *, expected: dict[str, tuple[int, ...]], privacy: PrivacySettings | None = None, **kwargs):
+    def __init__(self, *, expected: dict[str, tuple[int, ...]], privacy: PrivacySettings | None = None,
+                 compressed: bool = False, **kwargs):
         super().__init__(**kwargs)
+        self.compressed = compressed
         self.expected = expected
         self.privacy = privacy
         self.global_arrays: dict[str, np.ndarray] = {}
@@ -185,12 +196,12 @@ class ScreenedFedAvg(FedAvg):
                 log(WARNING, "round %s: client on node %s failed: %s", server_round, node, reply.error.reason)
                 continue
             record["up_bytes"][node] = content_bytes(reply.content)
-            problem = _reply_problem(reply.content, self.expected)
+            problem, arrays = self._decoded(reply.content)
             if problem is not None:
                 record["rejected"].append({"node": node, "reason": problem})
                 log(WARNING, "round %s: update from node %s rejected: %s", server_round, node, problem)
                 continue
-            accepted.append(from_record(reply.content["arrays"]))
+            accepted.append(arrays)
             weights.append(float(reply.content["metrics"]["num-examples"]))
             record["clients"][node] = dict(reply.content["metrics"])
         log(INFO, "round %s: %s update(s) averaged, %s failed, %s rejected", server_round, len(accepted),
@@ -204,6 +215,19 @@ class ScreenedFedAvg(FedAvg):
         else:
             merged.update(self._private_average(accepted, record))
         return to_record(merged), MetricRecord({"clients-averaged": len(accepted)})
+
+    def _decoded(self, content: RecordDict) -> tuple[str | None, dict[str, np.ndarray] | None]:
+        """(why the reply is unusable, None) or (None, the tensors it stands for)."""
+        problem = _reply_problem(content)
+        if problem is not None:
+            return problem, None
+        try:
+            arrays = from_record(content["arrays"])
+            if self.compressed:
+                arrays = decompress_update(arrays, self.global_arrays, self.expected)
+        except Exception as exc:  # a payload that cannot be turned back into tensors
+            return f"arrays cannot be decoded: {exc}", None
+        return update_problem(arrays, self.expected), arrays
 
     def _private_average(self, accepted: list[dict[str, np.ndarray]], record: dict) -> dict[str, np.ndarray]:
         """Flower's fixed-clipping DP primitives on the trained keys (its DP strategy wrappers zip arrays by
@@ -232,17 +256,13 @@ class ScreenedFedAvg(FedAvg):
         return None
 
 
-def _reply_problem(content: RecordDict, expected: dict[str, tuple[int, ...]]) -> str | None:
+def _reply_problem(content: RecordDict) -> str | None:
     if "arrays" not in content.array_records or "metrics" not in content.metric_records:
         return "the reply has no `arrays` ArrayRecord or no `metrics` MetricRecord"
     weight = content["metrics"].get("num-examples")
     if not isinstance(weight, (int, float)) or weight <= 0:
         return f"num-examples={weight!r} is not a positive number"
-    try:
-        arrays = from_record(content["arrays"])
-    except Exception as exc:  # a payload Flower cannot turn back into arrays
-        return f"arrays cannot be decoded: {exc}"
-    return update_problem(arrays, expected)
+    return None
 
 
 server_app = ServerApp()
@@ -258,7 +278,8 @@ def server_main(grid: Grid, context: Context) -> None:
                                                                                  results_path.parent / "global")
     strategy = ScreenedFedAvg(expected={k: initial[k].shape for k in keys}, fraction_train=1.0, fraction_evaluate=1.0,
                               min_available_nodes=settings.clients, min_train_nodes=settings.required_replies(),
-                              min_evaluate_nodes=settings.required_replies(), privacy=settings.privacy)
+                              min_evaluate_nodes=settings.required_replies(), privacy=settings.privacy,
+                              compressed=settings.compress_density is not None)
     global_eval: dict[int, float] = {}
     global_accuracy: dict[int, float] = {}
 

@@ -52,6 +52,8 @@ class FederatedSettings(BaseModel):
     round_timeout_s: float = Field(900.0, gt=0, description="seconds a round waits for client replies")
     accuracy_examples: int = Field(
         0, ge=0, description="union-eval examples the server scores by exact match each round (0: loss only)")
+    compress_density: float | None = Field(
+        None, gt=0, le=1, description="upload each change as ComPEFT sparse ternary keeping this fraction (null: dense)")
     privacy: PrivacySettings | None = Field(None, description="clip and noise client updates (central DP)")
     seed: int = Field(0, description="seed of the partition")
     port: int = Field(19091, ge=1024, le=65535, description="loopback port of the local SuperLink")

@@ -15,11 +15,16 @@ that is the adapter method ``lora-fa`` (A a buffer, never trained); clients send
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
 
 from tuneforge.adapters.peft_format import adapter_state
+from tuneforge.merge.compress import from_sparse_ternary, sparse_ternary
+
+PART_SEPARATOR = "::"  # "<adapter key>::mask" etc.: the parts of one compressed tensor
 
 
 def trained_keys(model: nn.Module, name: str) -> list[str]:
@@ -63,3 +68,41 @@ def weighted_average(updates: list[dict[str, np.ndarray]], weights: list[float])
         acc = sum(np.asarray(u[key], dtype=np.float64) * (w / total) for u, w in zip(updates, weights))
         averaged[key] = acc.astype(np.float32)
     return averaged
+
+
+def compress_update(update: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                    density: float) -> dict[str, np.ndarray]:
+    """ComPEFT's sparse ternary code (Yadav et al. 2023, arXiv:2311.13171; ``merge/compress.py``) of each
+    tensor's change from ``reference`` (the global adapter the client started from): a bitmask of the
+    top-k = ⌊density·n⌋ entries by magnitude, their signs as bits, and one scale."""
+    sent = {}
+    for key, value in update.items():
+        delta = torch.from_numpy(np.asarray(value, np.float32) - np.asarray(reference[key], np.float32))
+        for part, tensor in sparse_ternary(delta, density).items():
+            sent[f"{key}{PART_SEPARATOR}{part}"] = tensor.numpy()
+    return sent
+
+
+def decompress_update(sent: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                      expected: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    """The tensors a compressed upload stands for (reference + decoded change); ValueError when the parts
+    are missing, unexpected or the wrong size for the expected shapes."""
+    keys = {name.rsplit(PART_SEPARATOR, 1)[0] for name in sent}
+    if keys != set(expected):
+        raise ValueError(f"compressed tensors {sorted(keys - set(expected))[:3]} unexpected, "
+                         f"{sorted(set(expected) - keys)[:3]} missing")
+    decoded = {}
+    for key, shape in expected.items():
+        parts = {part: torch.from_numpy(np.asarray(sent.get(f"{key}{PART_SEPARATOR}{part}", np.zeros(0))))
+                 for part in ("mask", "signs", "scale")}
+        count = math.prod(shape)
+        if parts["mask"].dtype != torch.uint8 or parts["mask"].numel() != math.ceil(count / 8):
+            raise ValueError(f"{key}: mask of {parts['mask'].numel()} bytes, expected {math.ceil(count / 8)}")
+        kept = int(((parts["mask"].to(torch.int64)[:, None] >> torch.arange(8)) & 1).reshape(-1)[:count].sum())
+        if parts["signs"].dtype != torch.uint8 or parts["signs"].numel() != math.ceil(kept / 8):
+            raise ValueError(f"{key}: signs of {parts['signs'].numel()} bytes, expected {math.ceil(kept / 8)}")
+        if parts["scale"].numel() != 1 or not torch.isfinite(parts["scale"].float()).all():
+            raise ValueError(f"{key}: scale must be one finite number")
+        delta = from_sparse_ternary({p: t for p, t in parts.items()}, tuple(shape), torch.float32)
+        decoded[key] = (np.asarray(reference[key], np.float32) + delta.numpy()).astype(np.float32)
+    return decoded
