@@ -103,3 +103,27 @@ def test_a_client_with_data_of_its_own_trains_on_all_of_it(tmp_path):
                       state=RecordDict(), run_config={})
     reply = client_train(message(raw, global_adapter(raw), "train"), context)
     assert reply.content["metrics"]["num-examples"] == 5  # the whole local file, not a share of the pool
+
+
+def test_compressed_client_upload_is_the_comPEFT_code_of_its_change(tmp_path):
+    from tuneforge.federated.updates import decompress_update
+
+    raw = raw_config(tmp_path)
+    raw["federated"]["compress_density"] = 0.5
+    sent = global_adapter(raw)
+    context = Context(run_id=1, node_id=0, node_config={"partition-id": 0, "num-partitions": 3,
+                                                          "workdir": str(tmp_path / "clients")},
+                      state=RecordDict(), run_config={})
+    reply = client_train(message(raw, sent, "train"), context)
+    upload = from_record(reply.content["arrays"])
+    b_keys = {k for k in sent if k.endswith("lora_B.weight")}
+    assert {k.rsplit("::", 1)[0] for k in upload} == b_keys
+    decoded = decompress_update(upload, sent, {k: sent[k].shape for k in b_keys})
+    saved = read_adapter_tensors(tmp_path / "clients" / "client-0" / "run" / "adapter")
+    for key in b_keys:  # the decoded change keeps the trained change's signs where it kept an entry
+        change, trained_change = decoded[key] - sent[key], saved[key].numpy() - sent[key]
+        kept = change != 0
+        assert kept.mean() == pytest.approx(0.5, abs=1 / change.size)
+        assert (np.sign(change[kept]) == np.sign(trained_change[kept])).all()
+    dense = sum(sent[k].nbytes for k in b_keys)
+    assert sum(a.nbytes for a in upload.values()) * 10 <= dense
