@@ -57,6 +57,10 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {key: array.numpy() for key, array in record.items()}
 
 
+def as_tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(value.copy()) for key, value in arrays.items()}
+
+
 def content_bytes(content: RecordDict) -> int:
     """Bytes of a message's content as Flower serialises it for the wire: every object of its tree."""
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
@@ -79,8 +83,9 @@ def client_train(msg: Message, context: Context) -> Message:
     client_config = _client_config(config, settings, context, partition_id)
     # each round and client its own data order and dropout, all reproducible from the config's seed
     seed = config.training.seed + 1000 * round_number + partition_id
-    client_config = client_config.model_copy(update={"training": client_config.training.model_copy(update={"seed": seed})})
-    global_state = {k: torch.from_numpy(v.copy()) for k, v in from_record(msg.content["arrays"]).items()}
+    training = client_config.training.model_copy(update={"seed": seed})
+    client_config = client_config.model_copy(update={"training": training})
+    global_state = as_tensors(from_record(msg.content["arrays"]))
     trained = {}
 
     def start_from_global(model: torch.nn.Module) -> None:
@@ -151,8 +156,7 @@ def _evaluate(config: TrainConfig, arrays: dict[str, np.ndarray]) -> tuple[float
 
     loaded = load_model(config.model, dtype=config.dtype, device="cpu")
     add_adapter(loaded.model, config.adapter, ADAPTER_NAME)
-    fill_adapter_weights(loaded.model, ADAPTER_NAME, {k: torch.from_numpy(v.copy()) for k, v in arrays.items()},
-                         GLOBAL_ADAPTER)
+    fill_adapter_weights(loaded.model, ADAPTER_NAME, as_tensors(arrays), GLOBAL_ADAPTER)
     data = prepare_data(config, loaded.tokenizer)
     if not data.eval_batches:
         return float("nan"), 0
@@ -288,8 +292,7 @@ def server_main(grid: Grid, context: Context) -> None:
             return None
         from tuneforge.eval.loss import evaluate_loss
 
-        fill_adapter_weights(model, ADAPTER_NAME, {k: torch.from_numpy(v.copy()) for k, v in from_record(arrays).items()},
-                             GLOBAL_ADAPTER)
+        fill_adapter_weights(model, ADAPTER_NAME, as_tensors(from_record(arrays)), GLOBAL_ADAPTER)
         global_eval[server_round] = evaluate_loss(model, eval_batches, config.training.precision,
                                                   config.training.loss_chunk_size)
         metrics = {"eval-loss": global_eval[server_round]}
