@@ -56,11 +56,14 @@ EXTRA_GENERATED_TOKENS = 8  # generated past the longest gold answer (its tokens
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, resume_anyway: bool = False,
-          model_and_tokenizer=None, on_step: Callable[[int, float], None] | None = None) -> RunSummary:
+          model_and_tokenizer=None, on_step: Callable[[int, float], None] | None = None,
+          prepare_adapter: Callable[[nn.Module], None] | None = None) -> RunSummary:
     """Finetune ``config.model`` with ``config.adapter`` on ``config.data``; returns the summary.
 
     ``model_and_tokenizer`` lets tests and benchmarks pass an already-built model. Nothing in
     ``output_dir`` changes until the config, data and model have loaded (see run_dir.py).
+    ``prepare_adapter`` runs once the adapter is attached and before the optimizer is built: federated
+    clients load the global adapter there (and may freeze parts of it).
     """
     resume = resume or resume_anyway
     # A private copy: methods record run facts on their config (AdaLoRA's total_step), and the caller's
@@ -81,6 +84,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     torch.manual_seed(config.training.seed)  # adapter init must not depend on what loading consumed
     add_adapter(model, config.adapter, ADAPTER_NAME, **_attach_options(config, tokenizer))
     model.to(device)
+    if prepare_adapter is not None:
+        prepare_adapter(model)
     hooks = training_hooks(model, ADAPTER_NAME)
     if hooks.needs_data():
         hooks.prepare(model, _init_batches(data, strategy, config.training.init_batches),
