@@ -129,7 +129,8 @@ class ChatSession:
             if len(active) > 1:
                 raise ConfigError(f"the model has several active adapters {active}; pass ChatSession(adapter=...)")
             self.adapter = active[0] if active else None
-        self.engine = Engine(self.model, self.tokenizer, max_batch_size=1, max_queue=1)
+        self.engine = Engine(self.model, self.tokenizer, max_batch_size=1, max_queue=1,
+                             template=self.prompt_format.template)
         self.reset()
 
     def reset(self) -> None:

@@ -21,6 +21,7 @@ refused (`unservable_model_level`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -37,7 +38,7 @@ from tuneforge.adapters.model_level import model_adapters
 from tuneforge.adapters.prompt_tuning import VirtualPromptAdapter
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.models.cache_keyword import cache_keyword
-from tuneforge.eval.generation import stop_token_ids
+from tuneforge.eval.generation import PromptFormat, stop_token_ids
 from tuneforge.serve.adapters import unservable_model_level
 from tuneforge.serve.kv_cache import SlotKVCache, decode_mask, prefill_mask
 from tuneforge.serve.metrics import EngineStats
@@ -240,7 +241,7 @@ class Engine:
     """Continuous batching over `model`; `adapters` (an AdapterManager) resolves adapter names."""
 
     def __init__(self, model: nn.Module, tokenizer, *, adapters=None, max_batch_size: int = 8,
-                 max_queue: int = 64, max_model_len: int | None = None):
+                 max_queue: int = 64, max_model_len: int | None = None, template: str = "auto"):
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size={max_batch_size} must be >= 1")
         if max_queue < 1:
@@ -261,7 +262,10 @@ class Engine:
             max_length=self.max_model_len, dtype=next(model.parameters()).dtype, device=self.device,
         )
         self.scheduler: Scheduler[_Sequence] = Scheduler(max_batch_size, max_queue)
-        self.stop_ids = set(stop_token_ids(model, tokenizer))
+        # The prompt format's end-of-turn marker ends every reply: as a token where it is one, as a
+        # stop string where the tokenizer splits it (chatml's <|im_end|> on a tokenizer without it).
+        self.end_of_turn = PromptFormat.for_tokenizer(template, tokenizer).end_of_turn(tokenizer)
+        self.stop_ids = set(stop_token_ids(model, tokenizer)) | set(self.end_of_turn.token_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         self.stats = EngineStats()
         self._ids = itertools.count(1)
@@ -277,6 +281,7 @@ class Engine:
         """Queue a request; raises RequestError (bad request), QueueFullError, or the adapter
         manager's errors (unknown adapter, no room to load it) before anything is queued."""
         self._check(request)
+        request = self._with_end_of_turn(request)
         if request.adapter is not None:
             if self.adapters is not None:
                 self.adapters.acquire(request.adapter)
@@ -294,6 +299,14 @@ class Engine:
             raise
         self._wakeup.set()
         return handle
+
+    def _with_end_of_turn(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with the end-of-turn strings among its stops (unless it ignores eos)."""
+        extra = [s for s in self.end_of_turn.strings if s not in request.params.stop]
+        if not extra or request.params.ignore_eos:
+            return request
+        params = dataclasses.replace(request.params, stop=(*request.params.stop, *extra))
+        return dataclasses.replace(request, params=params)
 
     def _virtual_prompt(self, request: GenerationRequest) -> VirtualPromptAdapter | None:
         """The request's prompt-tuning-style adapter, if it has one; refuses model-level adapters
