@@ -274,6 +274,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wakeup = threading.Event()
+        # Set by a fine-tuning job waiting for `lock` between its optimizer steps: the loop then pauses
+        # a moment after each step, since a lock released and at once retaken is rarely handed over.
+        self.step_aside = threading.Event()
 
     # ---- submitting -------------------------------------------------------------------------
 
@@ -392,6 +395,8 @@ class Engine:
             if not worked:
                 self._wakeup.wait(0.05)
                 self._wakeup.clear()
+            elif self.step_aside.is_set():
+                time.sleep(0.001)
 
     def step(self) -> bool:
         """One scheduling iteration; returns False when there was nothing to do."""
