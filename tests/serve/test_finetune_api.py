@@ -82,6 +82,15 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     return PromptFormat.for_tokenizer("auto", tokenizer).encode([Message("user", text)], tokenizer)
 
 
+def base_logprobs(tokenizer, prompt: list[int], generated: list[int]) -> list[float]:
+    """log p(token | everything before it) under a fresh copy of the base, for each generated token."""
+    model = chat_model(tokenizer)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + generated])).logits[0].float()  # (T, V)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    return [float(log_probs[len(prompt) - 1 + i, token]) for i, token in enumerate(generated)]
+
+
 def test_upload_train_poll_chat_and_events_through_the_openai_client(server):
     client = server.client
     fresh_base = chat_model(server.tokenizer).state_dict()
@@ -207,17 +216,23 @@ def test_cancelling_a_running_job_frees_its_adapter(server):
 
 def test_requests_complete_while_a_job_trains_and_match_the_base(server):
     client = server.client
+    # A request before the job, so the engine has listed the model's layers before the job wraps more.
+    client.chat.completions.create(model=BASE, max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
     file_id = client.files.create(file=("t.jsonl", chat_lines(64)), purpose="fine-tune").id
     job = client.fine_tuning.jobs.create(model=BASE, training_file=file_id, suffix="busy",
-                                         hyperparameters={"n_epochs": 50, "batch_size": 1})
+                                         hyperparameters={"n_epochs": 50, "batch_size": 1,
+                                                          "learning_rate_multiplier": 10})
     wait_for(client, job.id, statuses=("running",))
-    expected = server.tokenizer.decode(reference_tokens(server.tokenizer, prompt_ids(server.tokenizer, "Hello"), 6),
-                                       skip_special_tokens=True)
+    time.sleep(1.0)  # some steps first, so a job adapter leaking into served rows would show
+    prompt = prompt_ids(server.tokenizer, "Hello")
+    expected_ids = reference_tokens(server.tokenizer, prompt, 6)
+    expected = server.tokenizer.decode(expected_ids, skip_special_tokens=True)
+    expected_logprobs = base_logprobs(server.tokenizer, prompt, expected_ids)
     replies, errors = [], []
 
     def ask():
         try:
-            replies.append(client.chat.completions.create(model=BASE, max_tokens=6, temperature=0,
+            replies.append(client.chat.completions.create(model=BASE, max_tokens=6, temperature=0, logprobs=True,
                                                           messages=[{"role": "user", "content": "Hello"}]))
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
@@ -232,6 +247,9 @@ def test_requests_complete_while_a_job_trains_and_match_the_base(server):
     assert not errors and len(replies) == 4
     assert still == "running", "the job must still have been training while the requests were served"
     assert [reply.choices[0].message.content for reply in replies] == [expected] * 4
+    for reply in replies:  # the base model's own probabilities: no trace of the job's adapter
+        served = [entry.logprob for entry in reply.choices[0].logprobs.content]
+        assert served == pytest.approx(expected_logprobs, abs=1e-4)
     assert wait_for(client, job.id).status == "cancelled"
 
 
