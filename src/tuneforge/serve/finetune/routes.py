@@ -67,7 +67,7 @@ def add_finetune_routes(app: FastAPI, finetune: FineTuningService, admin_only: l
     @app.post("/v1/files", dependencies=admin_only)
     async def upload_file(request: Request):
         body = await request.body()
-        upload = parse_multipart(body, request.headers.get("content-type", ""))
+        upload = await run_in_threadpool(parse_multipart, body, request.headers.get("content-type", ""))
         return await run_in_threadpool(finetune.files.add, upload)
 
     @app.get("/v1/files", dependencies=admin_only)
