@@ -203,6 +203,10 @@ def test_cancelling_a_running_job_frees_its_adapter(server):
     job = server.client.fine_tuning.jobs.create(model=BASE, training_file=file_id, suffix="stopme",
                                                 hyperparameters={"n_epochs": 50, "batch_size": 1})
     wait_for(server.client, job.id, statuses=("running",))
+    behind = server.client.fine_tuning.jobs.create(model=BASE, training_file=file_id, suffix="behind",
+                                                   hyperparameters={"n_epochs": 1, "batch_size": 4})
+    assert server.client.fine_tuning.jobs.retrieve(behind.id).status == "queued"  # one job trains at a time
+    assert server.client.fine_tuning.jobs.cancel(behind.id).status == "cancelled"
     cancelled = server.client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.id == job.id
     assert wait_for(server.client, job.id).status == "cancelled"
