@@ -261,6 +261,8 @@ class Engine:
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
             max_length=self.max_model_len, dtype=next(model.parameters()).dtype, device=self.device,
         )
+        self._windows = attention_windows(config)
+        self._softcap = getattr(config, "final_logit_softcapping", None)
         self.scheduler: Scheduler[_Sequence] = Scheduler(max_batch_size, max_queue)
         # The prompt format's end-of-turn marker ends every reply: as a token where it is one, as a
         # stop string where the tokenizer splits it (chatml's <|im_end|> on a tokenizer without it).
@@ -427,10 +429,17 @@ class Engine:
             input_ids[row, : len(sequence.token_ids)] = torch.tensor(sequence.token_ids, device=self.device)
         positions = torch.arange(padded, device=self.device).expand(len(admitted), padded)  # (n, T)
         self.cache.plan_prefill(slots, padded)
-        mask = prefill_mask(lengths, padded, self.cache.dtype)
+        mask = self._masks(lambda window: prefill_mask(lengths, padded, self.cache.dtype, window))
         hidden = self._run(admitted, input_ids, positions, mask, with_virtual_tokens=True)  # (n, T, d)
         last = hidden[torch.arange(len(admitted), device=self.device), lengths - 1]  # (n, d)
         self._sample(admitted, last)
+
+    def _masks(self, build):
+        """One additive mask for every layer, or (hybrid models such as Gemma 3) one per layer type,
+        keyed as the model's `config.layer_types` names them; `build(window)` makes one."""
+        if isinstance(self._windows, dict):
+            return {kind: build(window) for kind, window in self._windows.items()}
+        return build(self._windows)
 
     def _isolated(self, stage, rows: list[_Sequence], name: str) -> None:
         """Run one batched forward; if it raises, the rows it was computing fail, nobody else
@@ -446,7 +455,8 @@ class Engine:
         input_ids = torch.tensor([[s.token_ids[-1]] for s in running], device=self.device)  # (B, 1)
         positions = torch.tensor([s.cached_length for s in running], device=self.device)  # (B,)
         self.cache.plan_decode(positions)
-        mask = decode_mask(positions, int(positions.max()) + 1, self.cache.dtype)
+        kv_length = int(positions.max()) + 1
+        mask = self._masks(lambda window: decode_mask(positions, kv_length, self.cache.dtype, window))
         hidden = self._run(running, input_ids, positions[:, None], mask)  # (B, 1, d)
         self._sample(running, hidden[:, -1])
 
@@ -495,6 +505,8 @@ class Engine:
         """Each row picks and takes its token on its own: a row that raises fails alone."""
         with torch.inference_mode():
             logits = self.head(hidden).float()  # (B, V)
+            if self._softcap:  # Gemma's final logit soft-capping, as its ForCausalLM applies it
+                logits = torch.tanh(logits / self._softcap) * self._softcap
             log_probs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs for s in sequences) else None
         for row, sequence in enumerate(sequences):
             try:
@@ -552,13 +564,34 @@ class Engine:
             sequence.handle._finish(None, error)
 
 
+ATTENTION_KINDS = ("full_attention", "sliding_attention")
+
+
+def attention_windows(config) -> int | None | dict[str, int | None]:
+    """The attention window of every layer: None (all full causal), one int (every layer slides, as
+    Mistral's and Phi-3's `sliding_window` say), or per layer type for hybrid models (Gemma 3, Qwen2 with
+    sliding layers): {"full_attention": None, "sliding_attention": window}. The decoder takes a dict
+    mask keyed by layer type and a single mask as-is."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        return window
+    unknown = sorted(set(layer_types) - set(ATTENTION_KINDS))
+    if unknown:
+        raise ConfigError(f"the serving engine supports full and sliding-window attention layers; this model also "
+                          f"has {unknown} (config.layer_types)")
+    if set(layer_types) == {"full_attention"}:
+        return None
+    return {kind: window if kind == "sliding_attention" else None for kind in set(layer_types)}
+
+
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The decoder stack and the LM head, so that only the positions that are sampled get logits."""
     decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if decoder is None or head is None or not hasattr(model.config, "num_key_value_heads"):
         raise ConfigError(
-            f"the serving engine supports Llama-family causal LMs (decoder + lm_head, grouped KV heads); "
-            f"{type(model).__name__} is not one"
+            f"the serving engine supports decoder-only causal LMs with an LM head and grouped KV heads (Llama, "
+            f"Qwen2/3, Mistral, Gemma 3, Phi-3 and their kin); {type(model).__name__} is not one"
         )
     return decoder, head
