@@ -68,3 +68,30 @@ def test_window_plans_follow_the_config(tokenizer):
     assert attention_windows(CONFIGS["mistral"](8)) == 4
     assert attention_windows(CONFIGS["gemma3"](8)) == {"sliding_attention": 4, "full_attention": None}
     assert attention_windows(CONFIGS["qwen2-sliding"](8)) == {"sliding_attention": 4, "full_attention": None}
+
+
+def _embedded_gemma_or_skip():
+    from tuneforge.errors import MissingPackageError
+    from tuneforge.models.embedded import EMBEDDED_MODELS, require_installed
+
+    try:
+        require_installed(EMBEDDED_MODELS["gemma3-270m"])
+    except MissingPackageError:
+        pytest.skip("the embedded Gemma 3 270M packages are not installed")
+    from tuneforge.models import load_model
+
+    return load_model("gemma3-270m")
+
+
+def test_embedded_gemma3_greedy_equals_generate_and_stops_on_the_chatml_marker():
+    """Gemma 3 270M has no chat template and no <|im_end|> token: the chatml fallback's marker is a
+    stop string there, and the engine's greedy tokens equal generate's."""
+    loaded = _embedded_gemma_or_skip()
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    assert "<|im_end|>" in engine.end_of_turn.strings
+    prompt = tokenizer("The capital of France is", add_special_tokens=True)["input_ids"]
+    [result] = engine.generate([GenerationRequest(tuple(prompt), SamplingParams(max_tokens=8, ignore_eos=True))])
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert list(result.token_ids) == expected[0, len(prompt):].tolist()
