@@ -104,6 +104,9 @@ def test_upload_train_poll_chat_and_events_through_the_openai_client(server):
     done = wait_for(client, job.id)
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == "ft-unit"
+    rendered = [server.tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False)
+                for line in chat_lines(12).decode().splitlines()]
+    assert done.trained_tokens == 2 * sum(len(server.tokenizer(text)["input_ids"]) for text in rendered)  # 2 epochs
     assert "ft-unit" in [model.id for model in client.models.list().data]
 
     reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=8, temperature=0,
@@ -129,14 +132,11 @@ def test_upload_train_poll_chat_and_events_through_the_openai_client(server):
     with server.engine.lock:
         assert "default" not in adapter_names(server.model)
 
-
-def test_jobs_and_models_are_listed_again_after_a_restart(server, tmp_path):
-    done = [job for job in server.client.fine_tuning.jobs.list().data if job.status == "succeeded"]
-    assert done, "runs after the end-to-end test"
+    # A restarted server (same state directory) lists the job and serves its model again.
     restarted = Server(server.finetune.state_dir)
-    assert restarted.finetune.get(done[0].id)["fine_tuned_model"] == done[0].fine_tuned_model
-    assert done[0].fine_tuned_model in restarted.manager.available()
-    assert restarted.finetune.events(done[0].id)["data"]
+    assert restarted.finetune.get(job.id)["fine_tuned_model"] == "ft-unit"
+    assert "ft-unit" in restarted.manager.available()
+    assert restarted.finetune.events(job.id)["data"][0]["message"] == "The job has successfully completed"
 
 
 def test_a_malformed_upload_names_its_bad_lines(server):
@@ -262,3 +262,21 @@ def test_finetuning_routes_need_the_admin_key(server):
         headers = {"authorization": f"Bearer {key}"} if key else {}
         assert httpx.get(f"{server.url}/v1/fine_tuning/jobs", headers=headers).status_code == status
         assert httpx.post(f"{server.url}/v1/files", headers=headers).status_code == status
+
+
+def test_a_restart_fails_the_job_that_was_running_and_queues_the_waiting_ones(tmp_path):
+    from tuneforge.serve.finetune.files import Upload
+    from tuneforge.serve.finetune.jobs import JobSpec
+
+    first = Server(tmp_path)  # its worker never starts: the jobs stay as recorded
+    file_id = first.finetune.files.add(Upload("t.jsonl", chat_lines(2), "fine-tune"))["id"]
+    running = first.finetune.create(JobSpec(BASE, file_id, None, "was-running", 1, 1, 1.0, 0))["id"]
+    waiting = first.finetune.create(JobSpec(BASE, file_id, None, "waiting", 1, 1, 1.0, 0))["id"]
+    record = first.finetune.jobs_dir / running / "job.json"
+    record.write_text(record.read_text().replace('"status": "queued"', '"status": "running"'))
+
+    again = Server(tmp_path).finetune
+    assert again.get(running)["status"] == "failed"
+    assert again.get(running)["error"]["code"] == "server_restarted"
+    assert again.get(waiting)["status"] == "queued" and again._queue.get_nowait() == waiting
+    assert again.files.get(file_id)["bytes"] == len(chat_lines(2))

@@ -87,6 +87,8 @@ def check_chat_jsonl(data: bytes, filename: str) -> int:
             problems.append(f"line {number}: not valid JSON ({error.msg} at column {error.colno})")
         except RecordError as error:
             problems.append(f"line {number}: {error}")
+        except (RecursionError, ValueError):  # nesting too deep for the parser, numbers too long to read
+            problems.append(f"line {number}: not valid JSON (nested too deeply or a number too long)")
     if problems:
         more = f"\n(and {len(problems) - MAX_REPORTED_LINES} more bad lines)" if len(problems) > MAX_REPORTED_LINES else ""
         raise InvalidUploadError(

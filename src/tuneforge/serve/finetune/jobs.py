@@ -119,9 +119,12 @@ class FineTuningService:
         self.policy = policy or CoservePolicy()
         adapters.add_directory(self.models_dir)
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()  # records reach the disk in the order they changed
+        self._stopping = False
         self._jobs: dict[str, dict] = {}
         self._events: dict[str, list[dict]] = {}
         self._cancel: set[str] = set()
+        self._waited: dict[str, float] = {}  # per job: seconds its training waited for decoding
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._recover()
@@ -221,6 +224,7 @@ class FineTuningService:
     def stop(self) -> None:
         """Stop the worker; a running job is cancelled (its record says the server stopped)."""
         with self._lock:
+            self._stopping = True
             self._cancel.update(job_id for job_id, job in self._jobs.items() if job["status"] == "running")
         self._queue.put(None)
         if self._thread is not None:
@@ -250,18 +254,24 @@ class FineTuningService:
         except JobCancelled:
             shutil.rmtree(self.jobs_dir / job_id / "run", ignore_errors=True)  # cancelling frees the disk too
             with self._lock:
-                self._finish(job, "cancelled")
-            self._event(job_id, "Job cancelled")
+                if self._stopping:
+                    self._finish(job, "failed", {"code": "server_stopped", "param": None,
+                                                 "message": "the server stopped while this job ran; create it again"})
+                else:
+                    self._finish(job, "cancelled")
+            self._event(job_id, "Job cancelled" if job["status"] == "cancelled" else "Job stopped with the server")
         except Exception as error:
             with self._lock:
                 self._finish(job, "failed", error=job_error(error, job_id))
             self._event(job_id, f"Job failed: {job['error']['message']}", level="error")
         else:
+            trained_tokens = _tokens_seen(summary.run_dir)
             with self._lock:
                 job["fine_tuned_model"] = name
+                job["trained_tokens"] = trained_tokens
                 job["tuneforge"]["summary"] = {"steps": summary.steps, "final_train_loss": summary.final_train_loss,
                                                "train_seconds": summary.train_seconds,
-                                               "tokens_per_second": summary.tokens_per_second}
+                                               "seconds_given_to_decoding": self._waited.pop(job_id, 0.0)}
                 self._finish(job, "succeeded")
             self._event(job_id, f"New fine-tuned model created: {name}")
             self._event(job_id, "The job has successfully completed")
@@ -325,6 +335,7 @@ class FineTuningService:
         try:
             return train(config, model_and_tokenizer=(model, engine.tokenizer), on_step=on_step)
         finally:
+            self._waited[job_id] = turns.waited_total
             try:  # whatever happened, the job's adapter leaves the served model
                 if TRAINING_ADAPTER in adapter_names(model):
                     delete_adapter(model, TRAINING_ADAPTER)
@@ -373,13 +384,14 @@ class FineTuningService:
 
     def _save(self, job_id: str) -> None:
         """Write the job and its events atomically; a full disk is logged, the server keeps the job in memory."""
-        with self._lock:
-            job, events = json.loads(json.dumps(self._jobs[job_id])), list(self._events[job_id])
-        try:
-            atomic_write_json(self.jobs_dir / job_id / "events.json", events)
-            atomic_write_json(self.jobs_dir / job_id / "job.json", job)
-        except OSError as error:
-            log.error("could not save fine-tuning job %s: %s", job_id, error)
+        with self._save_lock:
+            with self._lock:
+                job, events = json.loads(json.dumps(self._jobs[job_id])), list(self._events[job_id])
+            try:
+                atomic_write_json(self.jobs_dir / job_id / "events.json", events)
+                atomic_write_json(self.jobs_dir / job_id / "job.json", job)
+            except OSError as error:
+                log.error("could not save fine-tuning job %s: %s", job_id, error)
 
     def _recover(self) -> None:
         """Jobs of an earlier run of the server: queued ones queue again, running ones failed."""
@@ -399,6 +411,16 @@ class FineTuningService:
                 self._save(job["id"])
             elif job["status"] == "queued":
                 self._queue.put(job["id"])
+
+
+def _tokens_seen(run_dir: Path) -> int | None:
+    """Training tokens of a finished run: the last `tokens_seen` of its metrics.jsonl."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        seen = [json.loads(line)["tokens_seen"] for line in lines if '"tokens_seen"' in line]
+    except (OSError, ValueError, KeyError):
+        return None
+    return int(seen[-1]) if seen else None
 
 
 def job_error(error: BaseException, job_id: str) -> dict:
