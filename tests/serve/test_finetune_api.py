@@ -140,11 +140,13 @@ def test_upload_train_poll_chat_and_events_through_the_openai_client(server):
 
 
 def test_a_malformed_upload_names_its_bad_lines(server):
-    bad = chat_lines(2) + b'{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n'
+    bad = chat_lines(2) + b'{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n' + b"[" * 100_000 + b"\n"
     with pytest.raises(openai.BadRequestError) as caught:
         server.client.files.create(file=("bad.jsonl", bad), purpose="fine-tune")
     message = caught.value.body["message"]
     assert "line 3" in message and "assistant" in message and "line 4" in message and "not valid JSON" in message
+    assert "line 5: not valid JSON (nested too deeply" in message
+    assert not server.finetune.files.list() or all(f["filename"] != "bad.jsonl" for f in server.finetune.files.list())
     with pytest.raises(openai.BadRequestError, match="purpose"):
         server.client.files.create(file=("x.jsonl", chat_lines(1)), purpose="assistants")
 
@@ -280,3 +282,24 @@ def test_a_restart_fails_the_job_that_was_running_and_queues_the_waiting_ones(tm
     assert again.get(running)["error"]["code"] == "server_restarted"
     assert again.get(waiting)["status"] == "queued" and again._queue.get_nowait() == waiting
     assert again.files.get(file_id)["bytes"] == len(chat_lines(2))
+
+
+def test_a_job_running_when_the_server_stops_is_recorded_as_failed(tmp_path):
+    from tuneforge.serve.finetune.files import Upload
+    from tuneforge.serve.finetune.jobs import JobSpec
+
+    served = Server(tmp_path)
+    file_id = served.finetune.files.add(Upload("t.jsonl", chat_lines(32), "fine-tune"))["id"]
+    job_id = served.finetune.create(JobSpec(BASE, file_id, None, "long", 50, 1, 1.0, 0))["id"]
+    served.engine.start()
+    served.finetune.start()
+    try:
+        deadline = time.monotonic() + POLL_SECONDS
+        while served.finetune.get(job_id)["status"] == "queued" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        served.finetune.stop()
+        served.engine.stop()
+    job = served.finetune.get(job_id)
+    assert (job["status"], job["error"]["code"]) == ("failed", "server_stopped")
+    assert "default" not in adapter_names(served.model)

@@ -7,6 +7,9 @@
     GenerationFailedError; only a failed batched forward fails the rows that shared it
     handle.result() / handle.deltas()  (blocking) or an `on_delta` callback (streaming)
 
+Models: decoder-only causal LMs with an LM head and grouped KV heads, full or sliding-window attention,
+or both per layer (Llama, Qwen2/3, Mistral, Phi-3, Gemma 3; `attention_windows` reads the config).
+
 The engine knows nothing of HTTP. It runs `step` in its own thread after `start()`, or in the
 caller's thread through `generate(...)` (tests, benchmarks, the terminal chat). Each row's adapter
 reaches the model through `AdaptedLayer.row_adapters`, where LoRA deltas for the whole batch are
