@@ -123,3 +123,20 @@ def test_eval_generation_stops_on_the_marker():
     example = Example(messages=(Message("user", "Hello"), Message("assistant", "Hi")), answer="Hi")
     [answer] = generate_answers(model, tokenizer, [example], max_new_tokens=MAX_TOKENS, progress=False)
     assert answer == "Hi"
+
+
+def test_chat_uses_the_template_the_run_trained_with(tmp_path):
+    import yaml
+
+    from tuneforge.eval.command import run_template
+
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"data": {"template": "llama3"}}))
+    assert run_template(str(adapter)) == "llama3"
+    assert run_template(str(tmp_path / "run")) is None  # not a run's adapter folder
+    (tmp_path / "run" / "config.yaml").write_text("data: [unclosed")
+    assert run_template(str(adapter)) is None
+    # llama3's marker is text to this tokenizer: a session in that format stops on the string.
+    tokenizer = split_marker_tokenizer()
+    assert PromptFormat.for_tokenizer("llama3", tokenizer).end_of_turn(tokenizer).strings == ("<|eot_id|>",)
