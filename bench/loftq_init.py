@@ -10,7 +10,7 @@ r=16 (alpha 32) on all of them, this measures, before any optimizer step:
                    beside the float model's loss on the same tokens
 
 Every row quantizes the same way, blocksize 64 without double quantization, because LoftQ's Q is
-defined on those blocks (``adapters/inits/loftq.py``); the rows differ only in the adapter's start.
+defined on those blocks (``adapters/lora/inits/loftq.py``); the rows differ only in the adapter's start.
 LoftQ's Q is turned into real 4-bit layers (``quant.quantize_model``) before anything is measured.
 
     python bench/loftq_init.py                                  # QLoRA, LoftQ 1 and 5 iters (~4 min, 1 core)

@@ -275,9 +275,9 @@ def method_source_files(run: MethodRun) -> list[Path]:
     modules = [(spec.build or spec.attach).__module__]
     init = run.adapter.get("init")
     if isinstance(init, str):
-        modules.append(f"tuneforge.adapters.inits.{init.replace('-', '_')}")
+        modules.append(f"tuneforge.adapters.lora.inits.{init.replace('-', '_')}")
     if run.adapter.get("use_dora"):
-        modules.append("tuneforge.adapters.dora")
+        modules.append("tuneforge.adapters.lora.dora")
     files = []
     for name in modules:
         try:

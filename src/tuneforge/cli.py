@@ -10,12 +10,12 @@ import os
 import sys
 
 from tuneforge import __version__
-from tuneforge.errors import TuneforgeError
+from tuneforge.errors import ConfigError, TuneforgeError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(parser, argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 1
@@ -26,6 +26,23 @@ def main(argv: list[str] | None = None) -> int:
 
         Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
         return 2
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse, letting ``key=value`` overrides and options come in any order.
+
+    argparse fills a command's positionals from the first run of them only, so in
+    ``tuneforge train cfg.yaml --overwrite training.lr=1e-4`` the override after the option is
+    "unrecognized". Such leftover positionals are appended to the command's ``overrides`` in the
+    order given (``run_train`` then picks out the config file); an unknown --option is still an error.
+    """
+    args, leftovers = parser.parse_known_args(argv)
+    if leftovers:
+        unknown = [item for item in leftovers if item.startswith("-")]
+        if unknown or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown or leftovers)}")
+        args.overrides = [*args.overrides, *leftovers]
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,8 +96,12 @@ def _add_train(commands) -> None:
         epilog="Config keys:\n" + describe_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("config", nargs="?", help="YAML config (see examples/); omitted: all defaults")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
-    train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint")
-    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir")
+    train.add_argument("--resume", action="store_true", help="continue the run in output_dir from its last checkpoint "
+                       "(refused when data, adapter, model, quantization, batch size, grad_accum, max_steps, epochs "
+                       "or seed differ from the saved config)")
+    train.add_argument("--resume-anyway", action="store_true", help="--resume without comparing configs")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir (it is moved "
+                       "aside once everything has loaded, and deleted after the new run's first checkpoint or end)")
     train.set_defaults(handler=run_train)
 
 
@@ -95,16 +116,22 @@ def run_train(args) -> int:
     from tuneforge.train import train
     from tuneforge.train.report import print_summary
 
-    overrides = list(args.overrides)
-    config_path = args.config
-    if config_path and "=" in config_path and not os.path.exists(config_path):
-        overrides.insert(0, config_path)  # `tuneforge train key=value` without a file
-        config_path = None
+    config_path, overrides = split_config_and_overrides([args.config] if args.config else [], args.overrides)
     raw = load_config_file(config_path) if config_path else {}
     config = parse_train_config(apply_overrides(raw, overrides), source=config_path or "command line")
-    summary = train(config, resume=args.resume, overwrite=args.overwrite)
+    summary = train(config, resume=args.resume, overwrite=args.overwrite, resume_anyway=args.resume_anyway)
     print_summary(summary)
     return 0
+
+
+def split_config_and_overrides(first: list[str], rest: list[str]) -> tuple[str | None, list[str]]:
+    """The config file (the one positional that is not ``key=value``, or an existing path) and the overrides, in order."""
+    positionals = [*first, *rest]
+    files = [item for item in positionals if "=" not in item or os.path.exists(item)]
+    if len(files) > 1:
+        raise ConfigError(f"tuneforge train takes one config file, got {len(files)}: {', '.join(files)}. "
+                          "Overrides look like key=value (e.g. training.lr=1e-4).")
+    return (files[0] if files else None), [item for item in positionals if item not in files]
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_chat_model_and_tokenizer, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import add_adapter, load_adapter, save_adapter
-from tuneforge.adapters.adalora import AdaLoraConfig, AdaLoraLinear, adalora_hooks
+from tuneforge.adapters.rank.adalora import AdaLoraConfig, AdaLoraLinear, adalora_hooks
 from tuneforge.adapters.model import wrapped_layers
 from tuneforge.config import parse_train_config
 from tuneforge.errors import ConfigError

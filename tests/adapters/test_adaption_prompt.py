@@ -12,7 +12,7 @@ import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import add_adapter, disabled_adapters, load_adapter, save_adapter
-from tuneforge.adapters.adaption_prompt import AdaptionPromptConfig
+from tuneforge.adapters.model_level.adaption_prompt import AdaptionPromptConfig
 from tuneforge.errors import AdapterError
 
 

@@ -13,7 +13,7 @@ import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_llama
 
 from tuneforge.adapters import LoraConfig, add_adapter, save_adapter
-from tuneforge.adapters.allora import AlloraConfig, AlloraLinear
+from tuneforge.adapters.rank.allora import AlloraConfig, AlloraLinear
 from tuneforge.adapters.hooks import training_hooks
 from tuneforge.adapters.model import wrapped_layers
 from tuneforge.config.schema import TrainingConfig

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import add_adapter, merge_adapters, save_adapter, unmerge_adapters
-from tuneforge.adapters.bitfit import BitFitConfig
+from tuneforge.adapters.selective.bitfit import BitFitConfig
 from tuneforge.errors import AdapterError
 
 

@@ -12,7 +12,7 @@ from tiny_models import perturb_trainable, sample_ids, tiny_llama
 from peft_roundtrip import assert_peft_loads_ours
 
 from tuneforge.adapters import add_adapter, load_adapter, merge_adapters, unmerge_adapters
-from tuneforge.adapters.boft import BoftConfig, BoftLinear, butterfly_permutation
+from tuneforge.adapters.orthogonal.boft import BoftConfig, BoftLinear, butterfly_permutation
 from tuneforge.errors import AdapterError
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"

@@ -10,7 +10,7 @@ from torch import nn
 from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import add_adapter, merge_adapters
-from tuneforge.adapters.bottleneck import BottleneckConfig
+from tuneforge.adapters.selective.bottleneck import BottleneckConfig
 from tuneforge.adapters.layer import AdaptedLayer
 from tuneforge.errors import AdapterError
 

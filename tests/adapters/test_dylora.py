@@ -10,7 +10,7 @@ import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_llama
 
 from tuneforge.adapters import LoraConfig, add_adapter, merge_adapters
-from tuneforge.adapters.dylora import DyLoraConfig, set_dylora_rank
+from tuneforge.adapters.rank.dylora import DyLoraConfig, set_dylora_rank
 from tuneforge.adapters.model import wrapped_layers
 from tuneforge.config import parse_train_config
 from tuneforge.errors import AdapterError, ConfigError

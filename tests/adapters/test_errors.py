@@ -135,7 +135,7 @@ def test_merging_a_mix_with_an_unmergeable_adapter_changes_nothing():
     from tiny_models import perturb_trainable, sample_ids
 
     from tuneforge.adapters import merge_adapters, set_active_adapters
-    from tuneforge.adapters.mole import MoleConfig
+    from tuneforge.adapters.mixtures.mole import MoleConfig
 
     model = tiny_llama()
     add_adapter(model, LoraConfig(r=4, target_modules=["up_proj"]), "lora")
@@ -166,7 +166,7 @@ def test_a_block_called_by_keyword_can_be_wrapped():
     from tiny_models import sample_ids
 
     from tuneforge.adapters import add_adapter
-    from tuneforge.adapters.bottleneck import BottleneckConfig
+    from tuneforge.adapters.selective.bottleneck import BottleneckConfig
 
     base = tiny_llama()
     model = copy.deepcopy(base)

@@ -9,7 +9,7 @@ import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import add_adapter, merge_adapters, unmerge_adapters
-from tuneforge.adapters.ether import EtherConfig, EtherLinear, block_matrix
+from tuneforge.adapters.orthogonal.ether import EtherConfig, EtherLinear, block_matrix
 from tuneforge.errors import AdapterError
 
 C_ATTN = "transformer.h.0.attn.c_attn"

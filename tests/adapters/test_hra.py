@@ -13,7 +13,7 @@ from peft_roundtrip import assert_peft_loads_ours
 
 from tuneforge.adapters import add_adapter, load_adapter
 from tuneforge.adapters.hooks import training_hooks
-from tuneforge.adapters.hra import HraConfig, HraLinear
+from tuneforge.adapters.orthogonal.hra import HraConfig, HraLinear
 from tuneforge.errors import AdapterError
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"

@@ -9,7 +9,7 @@ import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import add_adapter, merge_adapters, set_active_adapters, unmerge_adapters
-from tuneforge.adapters.hydra import HydraConfig
+from tuneforge.adapters.rank.hydra import HydraConfig
 from tuneforge.adapters.model import wrapped_layers
 
 

@@ -10,7 +10,7 @@ import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import add_adapter, load_adapter, merge_adapters, save_adapter, unmerge_adapters
-from tuneforge.adapters.ia3 import IA3Config
+from tuneforge.adapters.selective.ia3 import IA3Config
 from tuneforge.errors import ConfigError
 
 

@@ -11,7 +11,7 @@ from tiny_models import sample_ids, tiny_llama
 
 from tuneforge.adapters import add_adapter, save_adapter
 from tuneforge.adapters.hooks import training_hooks
-from tuneforge.adapters.layer_selective import LayerSelectConfig, resolve_layer_selection
+from tuneforge.adapters.selective.layer_selective import LayerSelectConfig, resolve_layer_selection
 from tuneforge.adapters.model import adapter_book
 from tuneforge.errors import AdapterError, ConfigError
 

@@ -10,7 +10,7 @@ import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import add_adapter, load_adapter, merge_adapters, save_adapter, unmerge_adapters
-from tuneforge.adapters.ln_tuning import LNTuningConfig
+from tuneforge.adapters.selective.ln_tuning import LNTuningConfig
 from tuneforge.errors import AdapterError
 
 

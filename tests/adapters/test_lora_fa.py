@@ -10,7 +10,7 @@ import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_llama
 
 from tuneforge.adapters import add_adapter, load_adapter, loraplus_param_groups, save_adapter
-from tuneforge.adapters.lora_fa import LoraFaConfig, LoraFaLinear
+from tuneforge.adapters.rank.lora_fa import LoraFaConfig, LoraFaLinear
 from tuneforge.adapters.model import wrapped_layers
 from tuneforge.config import parse_train_config
 from tuneforge.errors import ConfigError

@@ -15,11 +15,11 @@ from tiny_models import perturb_trainable, sample_ids, tiny_chat_model_and_token
 
 from tuneforge.adapters import LoraConfig, add_adapter, load_adapter, merge_adapters, save_adapter
 from tuneforge.adapters.hooks import training_hooks
-from tuneforge.adapters.inits import initialize_lora
-from tuneforge.adapters.inits.corda import DAMPING
-from tuneforge.adapters.inits.eva import allocate_ranks
-from tuneforge.adapters.inits.loftq import loftq_factors, nf4_roundtrip
-from tuneforge.adapters.inits.pissa import pissa_factors
+from tuneforge.adapters.lora.inits import initialize_lora
+from tuneforge.adapters.lora.inits.corda import DAMPING
+from tuneforge.adapters.lora.inits.eva import allocate_ranks
+from tuneforge.adapters.lora.inits.loftq import loftq_factors, nf4_roundtrip
+from tuneforge.adapters.lora.inits.pissa import pissa_factors
 from tuneforge.adapters.model import wrapped_layers
 from tuneforge.adapters.peft_format import load_adapter_weights
 from tuneforge.errors import AdapterError

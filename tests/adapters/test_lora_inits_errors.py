@@ -9,7 +9,7 @@ import torch
 from tiny_models import sample_ids, tiny_llama
 
 from tuneforge.adapters import LoraConfig, add_adapter
-from tuneforge.adapters.inits import export_as_plain_lora, initialize_lora
+from tuneforge.adapters.lora.inits import export_as_plain_lora, initialize_lora
 from tuneforge.config import parse_train_config
 from tuneforge.errors import AdapterError, ConfigError, DataError
 

@@ -31,8 +31,8 @@ from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import LoraConfig, add_adapter, load_adapter, save_adapter
 from tuneforge.adapters.model import disabled_adapters, wrapped_layers
-from tuneforge.adapters.inits import export_as_plain_lora, initialize_lora
-from tuneforge.adapters.inits.calibration import collect_weight_gradients
+from tuneforge.adapters.lora.inits import export_as_plain_lora, initialize_lora
+from tuneforge.adapters.lora.inits.calibration import collect_weight_gradients
 
 PEFT_NAMES = {"alpha": "lora_alpha", "init": "init_lora_weights"}
 

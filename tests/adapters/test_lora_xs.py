@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import add_adapter, load_adapter, merge_adapters, save_adapter, trainable_parameters
-from tuneforge.adapters.lora_xs import LoraXsConfig
+from tuneforge.adapters.sharing.lora_xs import LoraXsConfig
 from tuneforge.errors import AdapterError
 
 

@@ -9,7 +9,7 @@ import torch
 from tiny_models import perturb_trainable, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import add_adapter, merge_adapters, trainable_parameters
-from tuneforge.adapters.loretta import LorettaConfig, LorettaLinear, balanced_factors, tt_to_tensor
+from tuneforge.adapters.sharing.loretta import LorettaConfig, LorettaLinear, balanced_factors, tt_to_tensor
 
 
 def unravel(index: int, factors: list[int]) -> list[int]:

@@ -11,11 +11,11 @@ from tuneforge.adapters import list_methods
 
 # LoRA options implemented in modules of their own (DoRA, the initialisations): reached through
 # LoraConfig fields, not through a registry entry of their own.
-LORA_OPTION_MODULES = ["tuneforge.adapters.dora"] + [
-    f"tuneforge.adapters.inits.{name}" for name in ("pissa", "olora", "corda", "lora_ga", "eva", "loftq")]
+LORA_OPTION_MODULES = ["tuneforge.adapters.lora.dora"] + [
+    f"tuneforge.adapters.lora.inits.{name}" for name in ("pissa", "olora", "corda", "lora_ga", "eva", "loftq")]
 
 # Methods with no paper: the docstring says so and names the implementation it follows instead.
-NO_PAPER = {"tuneforge.adapters.trainable_tokens"}
+NO_PAPER = {"tuneforge.adapters.selective.trainable_tokens"}
 
 # Being rewritten on other branches (issue 16, items 1-9); the lead empties this list after merging them.
 

@@ -13,7 +13,7 @@ from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 from tuneforge.adapters import add_adapter, merge_adapters, merge_and_unload
 from tuneforge.adapters.config import validate_config
 from tuneforge.adapters.hooks import training_hooks
-from tuneforge.adapters.mixlora import MixLoraBlock, MixLoraConfig
+from tuneforge.adapters.mixtures.mixlora import MixLoraBlock, MixLoraConfig
 from tuneforge.errors import AdapterError, ConfigError
 
 MLP = "model.layers.0.mlp"
@@ -135,7 +135,7 @@ def test_load_balancing_loss_formula_and_hook():
 
 def test_uniform_routing_gives_aux_loss_one():
     layer = tiny_llama().model.layers[0].mlp
-    block = MixLoraBlock(layer, __import__("tuneforge.adapters.mixlora", fromlist=["_"]).GATED_FFN,
+    block = MixLoraBlock(layer, __import__("tuneforge.adapters.mixtures.mixlora", fromlist=["_"]).GATED_FFN,
                          MixLoraConfig(num_experts=4, top_k=1, r=2), "mlp")
     block.routing_stats = (torch.full((4, 4), 0.25), torch.tensor([[0], [1], [2], [3]]))
     assert block.load_balancing_loss().item() == pytest.approx(1.0)

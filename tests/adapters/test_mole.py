@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tuneforge.adapters.config import validate_config
-from tuneforge.adapters.mole import MoleConfig
+from tuneforge.adapters.mixtures.mole import MoleConfig
 from tuneforge.errors import ConfigError
 
 

@@ -9,7 +9,7 @@ import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_chat_model_and_tokenizer, tiny_llama
 
 from tuneforge.adapters import AdaptedLayer, add_adapter, trainable_parameters
-from tuneforge.adapters.mos import MosConfig
+from tuneforge.adapters.sharing.mos import MosConfig
 from tuneforge.config import parse_train_config
 from tuneforge.errors import AdapterError
 from tuneforge.train import train

@@ -12,7 +12,7 @@ from tiny_models import perturb_trainable, sample_ids, tiny_llama
 from peft_roundtrip import assert_peft_loads_ours
 
 from tuneforge.adapters import add_adapter, load_adapter, merge_adapters, unmerge_adapters
-from tuneforge.adapters.oft import OftConfig, OftLinear, cayley, cayley_neumann, skew_from_upper
+from tuneforge.adapters.orthogonal.oft import OftConfig, OftLinear, cayley, cayley_neumann, skew_from_upper
 from tuneforge.errors import AdapterError, ConfigError
 
 
@@ -115,9 +115,9 @@ def test_peft_oft_loads_in_tuneforge(case_id, kwargs, tmp_path):
 
 
 def multiplicative_configs():
-    from tuneforge.adapters.boft import BoftConfig
-    from tuneforge.adapters.ether import EtherConfig
-    from tuneforge.adapters.hra import HraConfig
+    from tuneforge.adapters.orthogonal.boft import BoftConfig
+    from tuneforge.adapters.orthogonal.ether import EtherConfig
+    from tuneforge.adapters.orthogonal.hra import HraConfig
 
     return [OftConfig(oft_block_size=8, target_modules=["q_proj"]),
             BoftConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["q_proj"]),

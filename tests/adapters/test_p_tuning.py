@@ -10,7 +10,7 @@ import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_llama
 
 from tuneforge.adapters import add_adapter, load_adapter, save_adapter
-from tuneforge.adapters.p_tuning import PTuningConfig
+from tuneforge.adapters.model_level.p_tuning import PTuningConfig
 
 KINDS = ["MLP", "LSTM"]
 

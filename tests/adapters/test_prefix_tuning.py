@@ -11,7 +11,7 @@ import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_llama
 
 from tuneforge.adapters import add_adapter, load_adapter, save_adapter
-from tuneforge.adapters.prefix_tuning import PrefixTuningConfig
+from tuneforge.adapters.model_level.prefix_tuning import PrefixTuningConfig
 from tuneforge.errors import AdapterError
 from tuneforge.models.cache_keyword import cache_keyword
 from tuneforge.losses import token_loss_sum

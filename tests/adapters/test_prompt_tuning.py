@@ -22,7 +22,7 @@ from tuneforge.adapters import (
     save_adapter,
     set_active_adapters,
 )
-from tuneforge.adapters.prompt_tuning import PromptTuningConfig
+from tuneforge.adapters.model_level.prompt_tuning import PromptTuningConfig
 from tuneforge.errors import AdapterError
 from tuneforge.losses import token_loss_sum
 

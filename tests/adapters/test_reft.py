@@ -9,7 +9,7 @@ import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_llama
 
 from tuneforge.adapters import add_adapter, disabled_adapters
-from tuneforge.adapters.reft import DiReftConfig, LoReftConfig, edited_positions
+from tuneforge.adapters.model_level.reft import DiReftConfig, LoReftConfig, edited_positions
 from tuneforge.errors import AdapterError, ConfigError
 
 

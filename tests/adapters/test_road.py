@@ -11,7 +11,7 @@ import torch
 from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import add_adapter, load_adapter, merge_adapters, save_adapter, unmerge_adapters
-from tuneforge.adapters.road import RoadConfig, RoadLinear
+from tuneforge.adapters.sharing.road import RoadConfig, RoadLinear
 from tuneforge.errors import AdapterError, ConfigError
 
 INTEROP = [

@@ -12,7 +12,7 @@ from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import add_adapter, load_adapter, merge_and_unload, save_adapter
 from tuneforge.adapters.hooks import training_hooks
-from tuneforge.adapters.shira import ShiraConfig
+from tuneforge.adapters.selective.shira import ShiraConfig
 from tuneforge.errors import AdapterError
 
 

@@ -11,7 +11,7 @@ from tiny_models import perturb_trainable, sample_ids, tiny_llama
 from tuneforge.adapters import add_adapter, merge_adapters
 from tuneforge.adapters.hooks import training_hooks
 from tuneforge.adapters.model import wrapped_layers
-from tuneforge.adapters.sora import SoraConfig, effective_ranks, soft_threshold
+from tuneforge.adapters.rank.sora import SoraConfig, effective_ranks, soft_threshold
 
 TARGETS = ["q_proj", "o_proj"]
 

@@ -13,7 +13,7 @@ from tiny_models import sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import add_adapter, load_adapter, merge_and_unload, save_adapter
 from tuneforge.adapters.hooks import training_hooks
-from tuneforge.adapters.sparse_ft import (
+from tuneforge.adapters.selective.sparse_ft import (
     SparseFTConfig,
     expected_l0,
     hard_concrete_mean_gate,

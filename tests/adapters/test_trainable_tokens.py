@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import add_adapter, load_adapter, merge_and_unload, save_adapter
-from tuneforge.adapters.trainable_tokens import TrainableTokensConfig
+from tuneforge.adapters.selective.trainable_tokens import TrainableTokensConfig
 from tuneforge.errors import AdapterError, ConfigError
 
 TOKENS = [2, 7, 40]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import AdaptedLayer, add_adapter, load_adapter, loraplus_param_groups, save_adapter
-from tuneforge.adapters.vb_lora import VbLoraConfig
+from tuneforge.adapters.sharing.vb_lora import VbLoraConfig
 from tuneforge.errors import AdapterError, ConfigError
 
 INTEROP = [

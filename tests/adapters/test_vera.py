@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import perturb_trainable, sample_ids, tiny_gpt2, tiny_llama
 
 from tuneforge.adapters import AdaptedLayer, add_adapter, load_adapter, save_adapter, trainable_parameters
-from tuneforge.adapters.vera import VeraConfig
+from tuneforge.adapters.sharing.vera import VeraConfig
 from tuneforge.errors import AdapterError
 
 INTEROP = [

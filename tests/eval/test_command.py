@@ -49,16 +49,16 @@ def test_run_eval_writes_the_comparison_as_json(tmp_path, chat_tokenizer, patche
     assert "exact match" in shown and "sample predictions" in shown and "results written" in shown
 
 
-def test_data_without_answers_defaults_to_loss_only(tmp_path, patched_load, capsys):
-    data = tmp_path / "chat.jsonl"
-    data.write_text(json.dumps({"messages": [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": "Hi"}]}) + "\n")
+def test_plain_text_data_defaults_to_loss_only(tmp_path, patched_load, capsys):
+    data = tmp_path / "text.jsonl"
+    data.write_text(json.dumps({"text": "Hello there, how are you today?"}) + "\n")
     output = tmp_path / "results.json"
     assert run_eval(_parse("--data", str(data), "--output", str(output))) == 0
     [row] = json.loads(output.read_text())["results"]
     assert row["name"] == "base" and "loss" in row and "exact_match" not in row
-    assert "no gold answers" in capsys.readouterr().out
+    assert "plain text" in capsys.readouterr().out
 
-    with pytest.raises(DataError, match="gold answers"):
+    with pytest.raises(DataError, match="final assistant turn.*plain text"):
         run_eval(_parse("--data", str(data), "--metrics", "loss,exact_match"))
     assert len(patched_load.calls) == 1, "the model is not loaded for a run that cannot succeed"
 

@@ -8,6 +8,7 @@ from rich.console import Console
 from tiny_models import build_tiny_tokenizer
 
 from tuneforge.adapters import LoraConfig, adapter_names, add_adapter, load_adapter, merge_and_unload
+from tuneforge.data import Example
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval import evaluate_models, render_table, to_markdown
 
@@ -68,9 +69,9 @@ def test_same_directory_twice_and_existing_adapters_are_left_alone(chat_tokenize
     assert set(rows[0]) == {"name", "adapter", "n", "loss", "perplexity"}
 
 
-def test_generation_metrics_need_answers_before_anything_is_loaded(chat_model, chat_tokenizer, tmp_path):
-    examples = [qa_example("Hi", None)]
-    with pytest.raises(DataError, match="gold answers"):
+def test_generation_metrics_need_conversations_before_anything_is_loaded(chat_model, chat_tokenizer, tmp_path):
+    examples = [Example(text="Hi there")]
+    with pytest.raises(DataError, match="final assistant turn"):
         evaluate_models(chat_model, chat_tokenizer, {"ghost": tmp_path / "missing"}, examples, **OPTIONS)
     rows = evaluate_models(chat_model, chat_tokenizer, {"base": None}, examples, metrics=["loss"], **OPTIONS)
     assert rows[0]["loss"] > 0

@@ -309,11 +309,11 @@ def test_an_unexpected_error_is_a_json_500_with_a_request_id_and_the_traceback_o
 
 
 def _model_level_configs():
-    from tuneforge.adapters.adaption_prompt import AdaptionPromptConfig
-    from tuneforge.adapters.p_tuning import PTuningConfig
-    from tuneforge.adapters.prefix_tuning import PrefixTuningConfig
-    from tuneforge.adapters.prompt_tuning import PromptTuningConfig
-    from tuneforge.adapters.reft import DiReftConfig, LoReftConfig
+    from tuneforge.adapters.model_level.adaption_prompt import AdaptionPromptConfig
+    from tuneforge.adapters.model_level.p_tuning import PTuningConfig
+    from tuneforge.adapters.model_level.prefix_tuning import PrefixTuningConfig
+    from tuneforge.adapters.model_level.prompt_tuning import PromptTuningConfig
+    from tuneforge.adapters.model_level.reft import DiReftConfig, LoReftConfig
 
     return {
         "prompt-tuning": PromptTuningConfig(num_virtual_tokens=4),

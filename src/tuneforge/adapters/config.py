@@ -109,7 +109,7 @@ class LoraConfig(AdapterConfig):
     use_rslora: bool = False
     use_dora: bool = False
     # kaiming/gaussian: B = 0. The others derive A and B from the base weight (pissa, olora, loftq) or
-    # from calibration batches (corda, lora-ga, eva); see adapters/inits/.
+    # from calibration batches (corda, lora-ga, eva); see adapters/lora/inits/.
     init: Literal["kaiming", "gaussian", "pissa", "olora", "corda", "lora-ga", "eva", "loftq"] = "kaiming"
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)

@@ -193,7 +193,7 @@ def _gatherable_factors(adapter: LayerAdapter) -> tuple[torch.Tensor, torch.Tens
     factors = adapter.low_rank_factors()
     if factors is not None:
         return factors
-    from tuneforge.adapters.lora import LoraLinear  # lora.py imports this module
+    from tuneforge.adapters.lora.lora import LoraLinear  # lora.py imports this module
 
     if type(adapter) is LoraLinear:  # subclasses (DoRA) change transform_output
         return adapter.lora_A, adapter.lora_B, adapter.scaling

@@ -5,14 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from tuneforge.adapters.config import LoraConfig
-from tuneforge.adapters.lora import build_lora
+from tuneforge.adapters.lora.lora import build_lora
 from tuneforge.adapters.registry import MethodSpec, register_method
 from tuneforge.adapters.targeting import linear_layer_types
 
 
 def lora_init_hooks(model, adapter_name, config):
-    """Data-driven LoRA inits (corda, lora-ga, eva) calibrate in TrainingHooks.prepare (adapters/inits/)."""
-    from tuneforge.adapters.inits import lora_init_hooks as hooks_for_init
+    """Data-driven LoRA inits (corda, lora-ga, eva) calibrate in TrainingHooks.prepare (adapters/lora/inits/)."""
+    from tuneforge.adapters.lora.inits import lora_init_hooks as hooks_for_init
 
     return hooks_for_init(model, adapter_name, config)
 
@@ -33,7 +33,7 @@ register_method(MethodSpec(
 # --- end section: LoRA initialisations ---
 
 # --- section: rank allocation and training variants (AdaLoRA, DyLoRA, SoRA, LoRA-FA, ALLoRA, Hydra) ---
-from tuneforge.adapters.adalora import AdaLoraConfig, adalora_hooks, build_adalora  # noqa: E402
+from tuneforge.adapters.rank.adalora import AdaLoraConfig, adalora_hooks, build_adalora  # noqa: E402
 
 register_method(MethodSpec(
     name="adalora",
@@ -44,11 +44,11 @@ register_method(MethodSpec(
     description="AdaLoRA: SVD-form updates whose rank budget shrinks by importance during training",
 ))
 
-from tuneforge.adapters.allora import AlloraConfig, build_allora  # noqa: E402
-from tuneforge.adapters.dylora import DyLoraConfig, build_dylora, dylora_hooks  # noqa: E402
-from tuneforge.adapters.hydra import HydraConfig, build_hydra  # noqa: E402
-from tuneforge.adapters.lora_fa import LoraFaConfig, build_lora_fa  # noqa: E402
-from tuneforge.adapters.sora import SoraConfig, build_sora, sora_hooks  # noqa: E402
+from tuneforge.adapters.rank.allora import AlloraConfig, build_allora  # noqa: E402
+from tuneforge.adapters.rank.dylora import DyLoraConfig, build_dylora, dylora_hooks  # noqa: E402
+from tuneforge.adapters.rank.hydra import HydraConfig, build_hydra  # noqa: E402
+from tuneforge.adapters.rank.lora_fa import LoraFaConfig, build_lora_fa  # noqa: E402
+from tuneforge.adapters.rank.sora import SoraConfig, build_sora, sora_hooks  # noqa: E402
 
 register_method(MethodSpec(
     name="dylora", config_class=DyLoraConfig, supported_layers=linear_layer_types, build=build_dylora,
@@ -73,7 +73,7 @@ register_method(MethodSpec(
 # --- end section: rank allocation ---
 
 # --- section: parameter sharing (VeRA, VB-LoRA, MoS, LoRA-XS, LoRETTA, RoAd) ---
-from tuneforge.adapters.vera import VeraConfig, build_vera  # noqa: E402
+from tuneforge.adapters.sharing.vera import VeraConfig, build_vera  # noqa: E402
 
 register_method(MethodSpec(
     name="vera",
@@ -82,7 +82,7 @@ register_method(MethodSpec(
     build=build_vera,
     description="VeRA: one frozen random projection pair for the model, trainable scaling vectors per layer",
 ))
-from tuneforge.adapters.lora_xs import LoraXsConfig, build_lora_xs  # noqa: E402
+from tuneforge.adapters.sharing.lora_xs import LoraXsConfig, build_lora_xs  # noqa: E402
 
 register_method(MethodSpec(
     name="lora-xs",
@@ -91,7 +91,7 @@ register_method(MethodSpec(
     build=build_lora_xs,
     description="LoRA-XS: trainable r x r core between the frozen top-r singular vectors of W",
 ))
-from tuneforge.adapters.vb_lora import VbLoraConfig, build_vb_lora  # noqa: E402
+from tuneforge.adapters.sharing.vb_lora import VbLoraConfig, build_vb_lora  # noqa: E402
 
 register_method(MethodSpec(
     name="vb-lora",
@@ -100,7 +100,7 @@ register_method(MethodSpec(
     build=build_vb_lora,
     description="VB-LoRA: LoRA factors composed as top-k mixtures of one shared vector bank",
 ))
-from tuneforge.adapters.road import RoadConfig, build_road  # noqa: E402
+from tuneforge.adapters.sharing.road import RoadConfig, build_road  # noqa: E402
 
 register_method(MethodSpec(
     name="road",
@@ -109,7 +109,7 @@ register_method(MethodSpec(
     build=build_road,
     description="RoAd: learned 2D rotation and scaling of paired output elements (road_1/road_2/road_4)",
 ))
-from tuneforge.adapters.mos import MosConfig, build_mos  # noqa: E402
+from tuneforge.adapters.sharing.mos import MosConfig, build_mos  # noqa: E402
 
 register_method(MethodSpec(
     name="mos",
@@ -118,7 +118,7 @@ register_method(MethodSpec(
     build=build_mos,
     description="MoS: LoRA factors concatenated from shard pools shared across layers, plus private shards",
 ))
-from tuneforge.adapters.loretta import LorettaConfig, build_loretta  # noqa: E402
+from tuneforge.adapters.sharing.loretta import LorettaConfig, build_loretta  # noqa: E402
 
 register_method(MethodSpec(
     name="loretta",
@@ -130,14 +130,14 @@ register_method(MethodSpec(
 # --- end section: parameter sharing ---
 
 # --- section: scaling, selective, bottleneck, sparse (IA3, BitFit, LN tuning, adapters, SHiRA, ...) ---
-from tuneforge.adapters.bitfit import BitFitConfig, build_bitfit  # noqa: E402
-from tuneforge.adapters.bottleneck import BottleneckConfig, build_bottleneck  # noqa: E402
-from tuneforge.adapters.ia3 import IA3Config, build_ia3  # noqa: E402
-from tuneforge.adapters.ln_tuning import LNTuningConfig, NormLayer, build_ln_tuning  # noqa: E402
-from tuneforge.adapters.layer_selective import LayerSelectConfig, build_layer_select, layer_select_hooks  # noqa: E402
-from tuneforge.adapters.shira import ShiraConfig, build_shira, shira_hooks  # noqa: E402
-from tuneforge.adapters.sparse_ft import SparseFTConfig, build_sparse_ft, sparse_ft_hooks  # noqa: E402
-from tuneforge.adapters.trainable_tokens import TrainableTokensConfig, build_trainable_tokens  # noqa: E402
+from tuneforge.adapters.selective.bitfit import BitFitConfig, build_bitfit  # noqa: E402
+from tuneforge.adapters.selective.bottleneck import BottleneckConfig, build_bottleneck  # noqa: E402
+from tuneforge.adapters.selective.ia3 import IA3Config, build_ia3  # noqa: E402
+from tuneforge.adapters.selective.ln_tuning import LNTuningConfig, NormLayer, build_ln_tuning  # noqa: E402
+from tuneforge.adapters.selective.layer_selective import LayerSelectConfig, build_layer_select, layer_select_hooks  # noqa: E402
+from tuneforge.adapters.selective.shira import ShiraConfig, build_shira, shira_hooks  # noqa: E402
+from tuneforge.adapters.selective.sparse_ft import SparseFTConfig, build_sparse_ft, sparse_ft_hooks  # noqa: E402
+from tuneforge.adapters.selective.trainable_tokens import TrainableTokensConfig, build_trainable_tokens  # noqa: E402
 
 register_method(MethodSpec(
     name="ia3", config_class=IA3Config, supported_layers=linear_layer_types, build=build_ia3,
@@ -179,7 +179,7 @@ register_method(MethodSpec(
 # --- end section: scaling, selective, bottleneck, sparse ---
 
 # --- section: orthogonal and mixtures (OFT, BOFT, ETHER, HRA, MixLoRA, LoRA router) ---
-from tuneforge.adapters.oft import OftConfig, build_oft  # noqa: E402
+from tuneforge.adapters.orthogonal.oft import OftConfig, build_oft  # noqa: E402
 
 register_method(MethodSpec(
     name="oft",
@@ -189,7 +189,7 @@ register_method(MethodSpec(
     description="OFT: block-diagonal orthogonal (Cayley) multiplier on the input side; COFT, block sharing",
 ))
 
-from tuneforge.adapters.boft import BoftConfig, build_boft  # noqa: E402
+from tuneforge.adapters.orthogonal.boft import BoftConfig, build_boft  # noqa: E402
 
 register_method(MethodSpec(
     name="boft",
@@ -199,7 +199,7 @@ register_method(MethodSpec(
     description="BOFT: product of butterfly-permuted block-diagonal orthogonal factors, plus an output scale",
 ))
 
-from tuneforge.adapters.hra import HraConfig, build_hra, hra_hooks  # noqa: E402
+from tuneforge.adapters.orthogonal.hra import HraConfig, build_hra, hra_hooks  # noqa: E402
 
 register_method(MethodSpec(
     name="hra",
@@ -210,7 +210,7 @@ register_method(MethodSpec(
     description="HRA: chain of r Householder reflections on the input side; Gram-Schmidt option, orthogonality loss",
 ))
 
-from tuneforge.adapters.ether import EtherConfig, build_ether  # noqa: E402
+from tuneforge.adapters.orthogonal.ether import EtherConfig, build_ether  # noqa: E402
 
 register_method(MethodSpec(
     name="ether",
@@ -220,8 +220,8 @@ register_method(MethodSpec(
     description="ETHER (block Householder reflection of the output side) and ETHER+ (relaxed, both sides)",
 ))
 
-from tuneforge.adapters.mixlora import MixLoraConfig, build_mixlora, mixlora_hooks  # noqa: E402
-from tuneforge.adapters.mole import MoleConfig, build_mole, mole_hooks  # noqa: E402
+from tuneforge.adapters.mixtures.mixlora import MixLoraConfig, build_mixlora, mixlora_hooks  # noqa: E402
+from tuneforge.adapters.mixtures.mole import MoleConfig, build_mole, mole_hooks  # noqa: E402
 
 register_method(MethodSpec(
     name="mixlora",
@@ -244,11 +244,11 @@ register_method(MethodSpec(
 
 # --- section: model-level (prompt, prefix, P-tuning, adaption prompt, LoReFT, DiReFT) ---
 from tuneforge.adapters.model_level import training_form_hooks  # noqa: E402
-from tuneforge.adapters.prompt_tuning import PromptTuningConfig, attach_prompt_tuning  # noqa: E402
-from tuneforge.adapters.prefix_tuning import PrefixTuningConfig, attach_prefix_tuning  # noqa: E402
-from tuneforge.adapters.p_tuning import PTuningConfig, attach_p_tuning  # noqa: E402
-from tuneforge.adapters.adaption_prompt import AdaptionPromptConfig, attach_adaption_prompt  # noqa: E402
-from tuneforge.adapters.reft import DiReftConfig, LoReftConfig, attach_reft  # noqa: E402
+from tuneforge.adapters.model_level.prompt_tuning import PromptTuningConfig, attach_prompt_tuning  # noqa: E402
+from tuneforge.adapters.model_level.prefix_tuning import PrefixTuningConfig, attach_prefix_tuning  # noqa: E402
+from tuneforge.adapters.model_level.p_tuning import PTuningConfig, attach_p_tuning  # noqa: E402
+from tuneforge.adapters.model_level.adaption_prompt import AdaptionPromptConfig, attach_adaption_prompt  # noqa: E402
+from tuneforge.adapters.model_level.reft import DiReftConfig, LoReftConfig, attach_reft  # noqa: E402
 
 register_method(MethodSpec(
     name="prompt-tuning",

@@ -31,6 +31,7 @@ from tuneforge.adapters.model import (
 )
 from tuneforge.adapters.model_level import load_model_adapter_tensors, model_adapter_peft_fields, model_adapter_state
 from tuneforge.adapters.registry import get_method, method_for_peft_type
+from tuneforge.adapters.targeting import ALL_NORMS, candidate_modules, name_matches, peft_would_target
 from tuneforge.errors import AdapterError, ConfigError
 from tuneforge.fileio import atomic_write, atomic_write_json, atomic_write_text
 from tuneforge.quant.model import quantization_of, quantized_layers
@@ -96,7 +97,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     directory = Path(directory)
     config = book.configs[name]
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state(model, name).items()}
-    peft_config = config.to_peft_dict()
+    peft_config = peft_loadable_targeting(model, name, config.to_peft_dict())
     if any(getattr(layer.adapters[name], "transposed", False) for _, layer in wrapped_layers(model) if name in layer.adapters):
         peft_config["fan_in_fan_out"] = True  # PEFT expects the flag for GPT-2's Conv1D layers
     peft_config.update(model_adapter_peft_fields(model, name))
@@ -111,6 +112,63 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str = "default",
     atomic_write_text(directory / "README.md", _model_card(config, peft_config, state, quantization))
     _write_training_record(directory, quantization)
     return directory
+
+
+def peft_loadable_targeting(model: nn.Module, name: str, peft_config: dict) -> dict:
+    """``peft_config`` with its targeting fields in a form every peft config class accepts.
+
+    peft's configs (LoraConfig, AdaLoraConfig, HRAConfig, ... ``__post_init__``) refuse a string
+    target_modules (a regex or ``all-linear``) beside layers_to_transform or layers_pattern, and
+    layers_pattern without layers_to_transform; and peft reads tuneforge's ``all-norms`` as a regex
+    that matches nothing. So such a target is written as the list of modules adapter ``name`` wraps,
+    as peft itself saves an all-linear config: leaf names (``q_proj``, ...) where peft would select
+    exactly these modules with them, else the full module names, which peft matches exactly whatever
+    the layer fields say. A list with layers_to_transform that peft would read differently (it finds
+    a layer index by another rule than ours, see ``peft_would_target``) is rewritten the same way.
+    """
+    config = dict(peft_config)
+    if config.get("layers_to_transform") is None and config.get("layers_pattern") is not None:
+        config["layers_pattern"] = None  # without layer indices it selects nothing, in tuneforge and peft
+    target, layers = config.get("target_modules"), config.get("layers_to_transform")
+    refused = isinstance(target, str) and (layers is not None or target == ALL_NORMS)
+    if not refused and (not isinstance(target, list) or layers is None):
+        return config  # a regex, all-linear or list without layer indices means the same to peft
+    adapted = [layer_name for layer_name, layer in wrapped_layers(model) if name in layer.adapters]
+    if not adapted or (not refused and _peft_selects(model, config) == set(adapted)):
+        return config
+    leaves = sorted({layer_name.rpartition(".")[2] for layer_name in adapted})
+    by_leaves = _with_targets(config, leaves, adapted)
+    if by_leaves is not None and _peft_selects(model, by_leaves) == set(adapted):
+        return by_leaves
+    return _with_targets(config, adapted, adapted)
+
+
+def _with_targets(config: dict, entries: list[str], adapted: list[str]) -> dict | None:
+    """``config`` targeting ``entries``; IA3's list of feedforward_modules rewritten in the same terms."""
+    written = {**config, "target_modules": entries}
+    if isinstance(config.get("feedforward_modules"), list):
+        written["feedforward_modules"] = _feedforward_entries(entries, adapted, config["feedforward_modules"])
+        if written["feedforward_modules"] is None:
+            return None
+    return written
+
+
+def _peft_selects(model: nn.Module, peft_config: dict) -> set[str]:
+    return {module_name for module_name, _ in candidate_modules(model) if peft_would_target(module_name, peft_config)}
+
+
+def _feedforward_entries(entries: list[str], adapted: list[str], feedforward: list[str]) -> list[str] | None:
+    """IA3's feedforward_modules as a sub-list of ``entries`` (peft requires a subset of target_modules);
+    None when an entry covers feedforward and other modules alike, so ``entries`` cannot tell them apart."""
+    chosen = []
+    for entry in entries:
+        covered = {module for module in adapted if module == entry or module.endswith("." + entry)}
+        feedforward_covered = {module for module in covered if name_matches(feedforward, module)}
+        if feedforward_covered == covered:
+            chosen.append(entry)
+        elif feedforward_covered:
+            return None
+    return chosen
 
 
 def _write_training_record(directory: Path, base_quantization: dict | None) -> None:

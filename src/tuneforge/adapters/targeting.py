@@ -56,6 +56,43 @@ def layer_index(name: str, patterns: Iterable[str]) -> int | None:
     return None
 
 
+def peft_would_target(name: str, peft_config: dict) -> bool:
+    """Whether peft adapts module ``name`` under ``peft_config`` (adapter_config.json's fields, with a
+    list ``target_modules``), by the rules of peft 0.21's ``check_target_module_exists``.
+
+    exclude_modules and modules_to_save win. An entry equal to the name selects it, whatever the layer
+    fields say; an entry the name ends with (``.entry``) selects it when its layer index is in
+    layers_to_transform. peft's layer index is the number after the first ``layers_pattern`` segment,
+    or, with no pattern, after the first dotted segment followed by a number (tuneforge's own rule,
+    ``layer_index``, looks for known names instead, so the two can disagree).
+    """
+    if name_matches(peft_config.get("exclude_modules"), name):
+        return False
+    if any(re.match(rf"(^|.*\.){kept}($|\..*)", name) for kept in peft_config.get("modules_to_save") or []):
+        return False
+    targets = peft_config["target_modules"]
+    if name in targets:
+        return True
+    if not any(name.endswith("." + entry) for entry in targets):
+        return False
+    layers = peft_config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    index = _peft_layer_index(name, _as_list(peft_config.get("layers_pattern")))
+    return index is not None and index in ([layers] if isinstance(layers, int) else layers)
+
+
+def _peft_layer_index(name: str, patterns: list[str]) -> int | None:
+    if not any(patterns):
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        return int(found.group(1)) if found else None
+    for pattern in patterns:  # peft reads each pattern as a regex
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
 def candidate_modules(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     """Named modules, skipping what lives inside an adapter wrapper (its base layer, its adapters)."""
     inside: list[str] = []

@@ -39,31 +39,62 @@ class DataConfig(Section):
 
 
 class QuantConfig(Section):
-    bits: Literal[4, 8] = Field(4, description="4 (NF4/FP4, QLoRA) or 8 (int8 weight-only)")
-    type: Literal["nf4", "fp4", "int8"] = Field("nf4", description="codebook")
+    bits: Literal[4, 8] = Field(4, description="4 (NF4/FP4, QLoRA) or 8 (int8 weight-only); follows type when only type is given")
+    type: Literal["nf4", "fp4", "int8"] = Field("nf4", description="codebook: nf4 or fp4 with bits=4, int8 with bits=8 "
+                                                "(the default follows bits)")
     double_quant: bool = Field(True, description="quantize the per-block scales too (QLoRA §3)")
-    blocksize: int = Field(64, description="values per absmax block")
+    blocksize: int = Field(64, description="values per absmax block (bits=4): 32, 64, 128, ..., 4096")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the dequantized matmul; auto: bfloat16 on a GPU, float32 on a CPU "
                             "(CPUs without bf16 units run bf16 matmuls many times slower)")
     skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="modules left in full precision")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _type_follows_bits(cls, value: Any) -> Any:
+        """``bits: 8`` alone means int8 and ``type: int8`` alone means 8 bits; given both, they must agree."""
+        if not isinstance(value, dict):
+            return value
+        value = dict(value)
+        if "type" not in value and value.get("bits") == 8:
+            value["type"] = "int8"
+        if "bits" not in value and value.get("type") == "int8":
+            value["bits"] = 8
+        return value
+
+    @model_validator(mode="after")
+    def _bits_type_and_blocksize_agree(self) -> "QuantConfig":
+        if self.bits == 4 and self.type == "int8":
+            raise ValueError("bits=4 with type='int8' disagree: use type nf4 or fp4 with bits 4, or bits 8 for int8")
+        if self.bits == 8 and self.type != "int8":
+            raise ValueError(f"bits=8 with type={self.type!r} disagree: {self.type} is a 4-bit codebook; "
+                             "use bits 4, or type int8 (or leave type out) with bits 8")
+        from tuneforge.quant.blockwise import BLOCKSIZES
+
+        if self.bits == 4 and self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize={self.blocksize!r} is not supported; choose one of {', '.join(map(str, BLOCKSIZES))}")
+        return self
+
 
 class TrainingConfig(Section):
-    epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored when max_steps is set)")
+    epochs: float = Field(1.0, gt=0, allow_inf_nan=False, description="passes over the training data (ignored when max_steps is set)")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps to run; overrides epochs")
     batch_size: int = Field(8, gt=0, description="rows per micro-batch")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    lr: float = Field(2e-4, gt=0, description="peak learning rate")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    lr: float = Field(2e-4, gt=0, allow_inf_nan=False, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False, description="AdamW weight decay")
     optimizer: Literal["adamw", "adamw8bit"] = Field(
         "adamw", description="adamw (float32 moments) or adamw8bit (block-wise 8-bit moments, ~4x less state memory)")
-    loraplus_ratio: float | None = Field(None, gt=0, description="LoRA+: B's learning rate is lr * ratio (paper suggests 16)")
+    loraplus_ratio: float | None = Field(None, gt=0, allow_inf_nan=False, description="LoRA+: B's learning rate is lr * ratio (paper suggests 16)")
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate schedule after warmup")
     warmup_steps: int | None = Field(None, ge=0, description="linear warmup steps (default: warmup_ratio of all steps)")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="warmup as a fraction of all steps")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="clip gradients to this norm (null: no clipping)")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision of the forward pass")
+    max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False, description="clip gradients to this norm (null: no clipping)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision of the forward pass "
+                                                       "(fp16 scales the loss with a GradScaler)")
+    max_nonfinite_steps: int = Field(5, gt=0, description="a step whose loss or gradient norm is NaN/inf is skipped "
+                                                          "(no update); stop the run after this many in a row (fp16 "
+                                                          "overflows while the loss scale is above 1 do not count)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     compile: bool = Field(False, description="torch.compile the decoder layers (~1 min once; faster steps on long runs)")
     loss_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the chunked cross-entropy")
@@ -76,6 +107,8 @@ class TrainingConfig(Section):
     keep_checkpoints: int = Field(2, gt=0, description="how many recent checkpoints to keep")
     early_stopping_patience: int | None = Field(None, gt=0, description="stop after this many evals without a better eval loss")
     eval_batch_size: int = Field(16, gt=0, description="rows per evaluation batch")
+    eval_generate: int = Field(0, ge=0, description="at each evaluation also generate greedy answers for the first N "
+                               "eval examples and record their exact match with the final assistant turn (0: off)")
 
 
 class TrainConfig(Section):
@@ -130,6 +163,8 @@ def _describe(exc: ValidationError, data: dict[str, Any]) -> list[str]:
             lines.append(f"  {key}: unknown key{_did_you_mean(loc)}")
         elif err["type"] in ("literal_error", "enum"):
             lines.append(f"  {key}={err.get('input')!r}: {err['msg'].replace('Input should be', 'allowed values are')}")
+        elif err["type"] == "value_error" and isinstance(err.get("input"), dict):  # a whole-section check
+            lines.append(f"  {key}: {err['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  {key}={err.get('input')!r}: {err['msg']}")
     return lines

@@ -2,6 +2,10 @@
 
     tuneforge eval --adapter runs/arith/adapter --data arithmetic --limit 100
     tuneforge eval --no-base --adapter a=runs/a/adapter --adapter b=runs/b/adapter --output cmp.json
+    tuneforge eval --adapter runs/mine/adapter --data held_out.jsonl   # your own data, any chat format
+
+On a file of conversations (messages, sharegpt, alpaca, prompt_completion) the gold answer of each
+record is its final assistant turn, and the model is prompted with everything before it.
 
 Everything cheap is checked (adapter folders, data, metrics) before the model is loaded.
 """
@@ -40,7 +44,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="eval", help="split of a bundled dataset (default eval)")
     parser.add_argument("--limit", type=int, default=100, metavar="N", help="use the first N examples; 0 = all (default 100)")
     parser.add_argument("--metrics", default=None, metavar="LIST",
-                        help=f"comma list of {', '.join(METRICS)} (default: all for data with gold answers, else loss)")
+                        help=f"comma list of {', '.join(METRICS)} (default: all for conversations, whose final assistant "
+                             "turn is the gold answer; loss for plain text)")
     parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="generation length limit (default 32)")
     parser.add_argument("--batch-size", type=int, default=16, metavar="N", help="examples per forward pass (default 16)")
     parser.add_argument("--template", default="auto", choices=TEMPLATE_NAMES, help="chat template (default auto: the tokenizer's)")
@@ -135,15 +140,16 @@ def select_examples(data: str, split: str, limit: int) -> list[Example]:
 
 
 def choose_metrics(metrics_text: str | None, examples: list[Example], console: Console) -> tuple[str, ...]:
-    """The --metrics list, or by default every metric the data supports (generation needs gold answers)."""
+    """The --metrics list, or by default every metric the data supports (generation needs conversations)."""
     if metrics_text is not None:
         metrics = check_metrics([item.strip() for item in metrics_text.split(",") if item.strip()])
         if any(metric in GENERATION_METRICS for metric in metrics):
             require_gold_answers(examples)
         return metrics
-    if all(example.answer is not None and example.is_chat for example in examples):
-        return METRICS
-    console.print("[dim]The data has no gold answers, so only the loss is computed (exact_match and contains need them).[/dim]")
+    if all(example.is_chat for example in examples):
+        return METRICS  # each conversation's final assistant turn is its gold answer
+    console.print("[dim]The data is plain text with no assistant turns to compare replies with, so only the loss "
+                  "is computed (exact_match and contains need conversations).[/dim]")
     return ("loss",)
 
 

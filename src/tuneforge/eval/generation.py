@@ -141,17 +141,30 @@ def cut_at_stop_strings(text: str, stops: Sequence[str]) -> str:
     return text[:min(cuts)] if cuts else text
 
 
+def gold_answer(example: Example) -> str:
+    """The reply a prediction is scored against: the final assistant turn of the conversation
+    (messages, sharegpt, alpaca `output`, prompt_completion `completion`); the model is prompted
+    with everything before it (`Example.prompt_messages`). The bundled tasks set `answer` to that
+    same turn's content."""
+    if example.answer is not None:
+        return example.answer
+    if not example.is_chat:
+        raise ValueError(f"Example from {example.origin} is a text example and has no reply to score")
+    return next(message.content for message in reversed(example.messages) if message.role == "assistant")
+
+
 def require_gold_answers(examples: Sequence[Example]) -> None:
-    """Raise a DataError unless every example is a conversation with a gold answer."""
+    """Raise a DataError unless every example is a conversation (whose final assistant turn is its gold answer)."""
     if not examples:
         raise DataError("Generation scoring got no examples; check the data source, split and --limit.")
-    missing = [example for example in examples if example.answer is None or not example.is_chat]
+    missing = [example for example in examples if not example.is_chat]
     if missing:
         origins = ", ".join(str(example.origin) for example in missing[:SHOWN_ORIGINS])
         raise DataError(
-            f"Generation scoring (exact_match, contains) needs examples with gold answers, but {len(missing)} of "
-            f"{len(examples)} have none (first: {origins}). The bundled synthetic tasks (arithmetic, state_tracking) "
-            "have them; for other data use the loss metric instead (--metrics loss)."
+            f"Generation scoring (exact_match, contains) compares a reply with each example's final assistant turn, "
+            f"but {len(missing)} of {len(examples)} examples are plain text with no turns (first: {origins}). "
+            "Use a conversation format (messages, sharegpt, alpaca, prompt_completion), or the loss metric "
+            "instead (--metrics loss)."
         )
 
 
@@ -254,7 +267,7 @@ def score_generation(model: nn.Module, tokenizer, examples: Sequence[Example], *
     # The resolved name, so a missing chat template is warned about once, not again in here.
     predictions = generate_answers(model, tokenizer, examples, template=prompt_format.template,
                                    max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
-    golds = [example.answer for example in examples]
+    golds = [gold_answer(example) for example in examples]
     samples = [
         (prompt_format.render(example.prompt_messages, tokenizer), prediction, gold)
         for example, prediction, gold in list(zip(examples, predictions, golds))[:num_samples]

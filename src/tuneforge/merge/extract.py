@@ -21,7 +21,7 @@ from torch import nn
 
 from tuneforge.adapters.config import TargetSpec
 from tuneforge.adapters.layer import AdaptedLayer
-from tuneforge.adapters.lora import is_transposed
+from tuneforge.adapters.lora.lora import is_transposed
 from tuneforge.adapters.targeting import (
     ALL_LINEAR,
     candidate_modules,

@@ -32,7 +32,7 @@ from torch import nn
 
 from tuneforge.adapters.config import LoraConfig
 from tuneforge.adapters.model import add_adapter, set_trainable_adapter, wrapped_layers
-from tuneforge.adapters.mole import MoleConfig
+from tuneforge.adapters.mixtures.mole import MoleConfig
 from tuneforge.adapters.peft_format import fill_adapter_weights
 from tuneforge.errors import AdapterError, ConfigError
 from tuneforge.losses import token_loss_sum

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from tuneforge.adapters.config import LoraConfig
-from tuneforge.adapters.lora import lora_scaling
+from tuneforge.adapters.lora.lora import lora_scaling
 from tuneforge.adapters.peft_format import (
     CONFIG_FILE,
     PREFIX,

@@ -14,7 +14,9 @@ Double quantization (QLoRA §3) stores the per-block absmax in 8 bits instead of
     absmax per 256 blocks
 
 so a weight costs 4 + 8/64 + 32/(64*256) bits per value at blocksize 64 (plus one float32 offset per
-tensor), instead of 4 + 32/64 without it.
+tensor), instead of 4 + 32/64 without it. Our 8-bit absmax codes are the nearest code; bitsandbytes'
+CPU kernel searches approximately and takes a neighbour on up to ~1% of blocks (values within ~2e-5 of
+a midpoint). Either decodes here, to ``codebook[code] * absmax`` bit for bit.
 
 A size that is not a multiple of the blocksize is padded with zeros up to whole blocks; padding
 never changes an absmax, and only ceil(numel / 2) bytes of codes are kept.

@@ -22,8 +22,9 @@ NF4_QUANTILE_OFFSET = 0.9677083
 
 # FP4 as bitsandbytes encodes it: bit 3 is the sign, bits 2..0 a 2-bit exponent and 1-bit mantissa
 # (exponent bias 2; 0b000 = 0, 0b001 = subnormal 0.0625). Listed by bit pattern, not by value, then
-# divided by the largest magnitude (12) in float32. Pattern 0b1000 is -0.0, as bitsandbytes'
-# CPU and CUDA dequantization kernels decode it (its Python table holds +0.0; equal as numbers).
+# divided by the largest magnitude (12) in float32. Pattern 0b1000 is -0.0 (sign bit, zero
+# magnitude), as bitsandbytes' CUDA and AVX2 CPU kernels decode it; its Python table and its AVX-512 CPU
+# kernel give +0.0, equal as numbers.
 FP4_BIT_PATTERN_VALUES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
                           -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 

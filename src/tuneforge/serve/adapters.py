@@ -40,7 +40,7 @@ from tuneforge.adapters import delete_adapter, load_adapter
 from tuneforge.adapters.model import adapter_book, saved_module_copies, wrapped_layers
 from tuneforge.adapters.peft_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config
 from tuneforge.adapters.model_level import model_adapters
-from tuneforge.adapters.prompt_tuning import VirtualPromptAdapter
+from tuneforge.adapters.model_level.prompt_tuning import VirtualPromptAdapter
 from tuneforge.adapters.registry import get_method
 from tuneforge.errors import AdapterError, ConfigError, TuneforgeError
 

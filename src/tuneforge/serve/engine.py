@@ -38,7 +38,7 @@ from torch import nn
 
 from tuneforge.adapters.model import adapter_book, adapter_names, wrapped_layers
 from tuneforge.adapters.model_level import model_adapters
-from tuneforge.adapters.prompt_tuning import VirtualPromptAdapter
+from tuneforge.adapters.model_level.prompt_tuning import VirtualPromptAdapter
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.models.cache_keyword import cache_keyword
 from tuneforge.eval.generation import PromptFormat, stop_token_ids

@@ -1,11 +1,17 @@
 """Checkpoints: adapter (PEFT format), optimizer, scheduler, RNG states and the data position.
 
-Each checkpoint is written into a hidden temp directory and renamed into place, so a crash while
-saving never leaves a checkpoint that looks complete but is not.
+A checkpoint is written into a hidden ``.tmp-*`` folder, every file and the folder are fsynced,
+and only then is it renamed into place: a crash or a full disk while saving never leaves a
+checkpoint that looks complete but is not, and never costs the previous one. Stale ``.tmp-*``
+folders of a crashed save are removed when the next run starts.
+
+Everything in ``trainer_state.pt`` is a tensor or a plain value (RNG states included), so it loads
+with ``torch.load(weights_only=True)``: resuming a run folder from elsewhere cannot run code.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -21,6 +27,11 @@ from tuneforge.errors import TuneforgeError
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.pt"
+TEMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(TuneforgeError):
+    """A checkpoint cannot be written or read."""
 
 
 @dataclass
@@ -38,7 +49,15 @@ class TrainState:
 
 
 def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every RNG the loop draws from, as tensors and plain numbers (loadable with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+    }
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -46,31 +65,90 @@ def rng_states() -> dict:
 
 def restore_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    python = states["python"]
+    random.setstate((python["version"], tuple(int(v) for v in python["internal"].tolist()), python["gauss"]))
+    numpy = states["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, adapter_name: str, optimizer, scheduler,
-                    state: TrainState, keep: int, base_model_name: str | None = None, hooks=None) -> Path:
+                    state: TrainState, keep: int, base_model_name: str | None = None, hooks=None,
+                    extra: dict | None = None) -> Path:
+    """Write ``checkpoints/step-NNNNNNN`` atomically; on any OSError (a full disk) raise one
+    CheckpointError and leave the earlier checkpoints as they were."""
     root = run_dir / CHECKPOINTS
     final = root / f"step-{state.step:07d}"
-    tmp = root / f".tmp-step-{state.step:07d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(model, tmp / "adapter", adapter_name, base_model_name=base_model_name)
-    torch.save({
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_states(),
-        "state": asdict(state),
-        "hooks": hooks.state_dict() if hooks is not None else {},
-    }, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    tmp = root / f"{TEMP_PREFIX}step-{state.step:07d}-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(model, tmp / "adapter", adapter_name, base_model_name=base_model_name)
+        torch.save({
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_states(),
+            "state": asdict(state),
+            "hooks": hooks.state_dict() if hooks is not None else {},
+            **(extra or {}),
+        }, tmp / STATE_FILE)
+        fsync_tree(tmp)
+        replace_dir(tmp, final)
+        _fsync_path(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_save_failure(final, root, exc)) from None
     _prune(root, keep)
     return final
+
+
+def _save_failure(final: Path, root: Path, exc: OSError) -> str:
+    reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    earlier = [p for p in list_checkpoints(root.parent) if p != final]
+    kept = f"the previous checkpoint {earlier[-1]} is kept" if earlier else "no earlier checkpoint exists"
+    return (f"could not save checkpoint {final.name} in {root}: {reason}; {kept}. "
+            "Free space (or set training.keep_checkpoints lower) and continue with --resume.")
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` (same step saved again) is set aside first
+    and removed only once the new one is in place."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    aside = final.with_name(f"{TEMP_PREFIX}replaced-{final.name}-{os.getpid()}")
+    os.replace(final, aside)
+    os.replace(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file, then every folder, under ``folder`` to disk: a rename is only atomic for
+    data that has reached the disk (ext4 and xfs may otherwise commit the rename first)."""
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            _fsync_path(Path(directory) / name)
+    for directory, _, _ in os.walk(folder, topdown=False):
+        _fsync_path(Path(directory))
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_dirs(run_dir: Path) -> list[Path]:
+    """Delete the ``.tmp-*`` folders (of a checkpoint or the final adapter) left by a save that
+    crashed; returns what was removed."""
+    run_dir = Path(run_dir)
+    stale = sorted([*run_dir.glob(f"{TEMP_PREFIX}*"), *(run_dir / CHECKPOINTS).glob(f"{TEMP_PREFIX}*")])
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return stale
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -91,15 +169,26 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, adapter_name: str, optimizer, scheduler, hooks=None) -> TrainState:
+def read_trainer_state(path: Path) -> dict:
+    """``trainer_state.pt`` of checkpoint ``path``, loaded with weights_only=True (tensors and plain
+    values only, so a file from elsewhere cannot run code)."""
     try:
-        saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        raise TuneforgeError(f"checkpoint {path} cannot be read ({exc}); delete it to resume from the one before") from None
+        return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable or unsafe file gets the same advice
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read safely ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "tuneforge loads only tensors and plain values from checkpoints; delete this checkpoint to resume "
+            "from the one before, or start again with --overwrite."
+        ) from None
+
+
+def load_checkpoint(path: Path, model: nn.Module, adapter_name: str, optimizer, scheduler, hooks=None) -> tuple[TrainState, dict]:
+    """Restore everything saved at ``path``; returns the train state and the whole saved dict."""
+    saved = read_trainer_state(path)
     load_adapter_weights(model, path / "adapter", adapter_name)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     restore_rng_states(saved["rng"])
     if hooks is not None:
         hooks.load_state_dict(saved.get("hooks", {}))
-    return TrainState(**saved["state"])
+    return TrainState(**saved["state"]), saved

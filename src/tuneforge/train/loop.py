@@ -2,7 +2,8 @@
 
     for each optimizer step:
         for each of grad_accum micro-batches: forward (chunked CE on labelled tokens), backward
-        clip -> optimizer.step -> scheduler.step -> log / eval / checkpoint
+        clip -> optimizer.step (skipped when the loss or gradient norm is not finite) -> scheduler.step
+        -> log / eval (loss; exact match with training.eval_generate) / checkpoint
 
 Everything needed to continue exactly (adapter, optimizer, scheduler, RNG, data position) is in
 each checkpoint; Ctrl-C saves one and exits cleanly.
@@ -11,8 +12,12 @@ each checkpoint; Ctrl-C saves one and exits cleanly.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,33 +26,51 @@ from tuneforge.adapters import add_adapter, trainable_parameters
 from tuneforge.adapters.hooks import HookChain, training_hooks
 from tuneforge.adapters.peft_format import save_adapter
 from tuneforge.config.schema import TrainConfig
+from tuneforge.errors import ConfigError
+from tuneforge.eval.generation import gold_answer, require_gold_answers, score_generation
 from tuneforge.eval.loss import autocast, evaluate_loss
-from tuneforge.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from tuneforge.train.compile import compile_decoder_layers, eager_only
-from tuneforge.train.data_setup import PreparedData, prepare_data
 from tuneforge.losses import token_loss_sum
+from tuneforge.train.checkpoint import (
+    CheckpointError,
+    TrainState,
+    fsync_tree,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_stale_temp_dirs,
+    replace_dir,
+    save_checkpoint,
+)
+from tuneforge.train.compile import compile_decoder_layers, eager_only
+from tuneforge.train.data_setup import PreparedData, eval_source, prepare_data
 from tuneforge.train.metrics import MetricsLog, plot_loss_curve
+from tuneforge.train.nonfinite import NonFiniteGuard, StepOutcome, require_finite_adapter
 from tuneforge.train.optim import build_optimizer, build_scheduler
 from tuneforge.train.progress import TrainProgress
 from tuneforge.train.report import RunSummary, save_summary
-from tuneforge.train.run_dir import prepare_run_dir
+from tuneforge.train.run_dir import check_run_dir, claim_run_dir, discard_replaced_runs
 from tuneforge.train.strategy import pick_strategy, resolve_device
 
 ADAPTER_NAME = "default"
+EXTRA_GENERATED_TOKENS = 8  # generated past the longest gold answer (its tokens may split differently)
 
 
-def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, model_and_tokenizer=None,
-          on_step: Callable[[int, float], None] | None = None) -> RunSummary:
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, resume_anyway: bool = False,
+          model_and_tokenizer=None, on_step: Callable[[int, float], None] | None = None) -> RunSummary:
     """Finetune ``config.model`` with ``config.adapter`` on ``config.data``; returns the summary.
 
-    ``model_and_tokenizer`` lets tests and benchmarks pass an already-built model.
+    ``model_and_tokenizer`` lets tests and benchmarks pass an already-built model. Nothing in
+    ``output_dir`` changes until the config, data and model have loaded (see run_dir.py).
     """
-    run_dir = prepare_run_dir(config, resume, overwrite)
+    resume = resume or resume_anyway
+    run_dir = check_run_dir(config, resume, overwrite, resume_anyway)
+    check_eval_generate(config)
     torch.manual_seed(config.training.seed)
     device = resolve_device(config.device)
     strategy = pick_strategy(device)
     model, tokenizer = model_and_tokenizer or _load_base(config, device)
     data = prepare_data(config, tokenizer)
+    if config.training.eval_generate:
+        require_gold_answers(data.eval_examples[: config.training.eval_generate])
     if config.quantization is not None and model_and_tokenizer is not None:
         _quantize_base(model, config, device)  # a model we did not load: quantize it in place
     torch.manual_seed(config.training.seed)  # adapter init must not depend on what loading consumed
@@ -64,16 +87,31 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     total_steps = planned_steps(config, data)
     optimizer = build_optimizer(model, config.training)
     scheduler = build_scheduler(optimizer, config.training, total_steps)
+    scaler = loss_scaler(config.training.precision, device)
     state = TrainState()
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, ADAPTER_NAME, optimizer, scheduler, hooks)
+        state, saved = load_checkpoint(checkpoint, model, ADAPTER_NAME, optimizer, scheduler, hooks)
+        if scaler is not None and "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
+    claim_run_dir(config, run_dir, resume, overwrite)  # everything loaded: only now may an old run move aside
+    remove_stale_temp_dirs(run_dir)
+    guard = NonFiniteGuard(config.training.max_nonfinite_steps)
     log = MetricsLog(run_dir, resume_step=state.step if resume else None)
     progress = TrainProgress(total_steps, state.step, enabled=strategy.is_main)
     trainable, total = trainable_parameters(model)
     progress.note(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
                   + (f"; resuming from {checkpoint.name}" if checkpoint else ""))
     base_name = config.model
+
+    def save(reason: str) -> Path:
+        require_finite_adapter(model, state.step, f"the {reason} checkpoint", _name_of(latest_checkpoint(run_dir)))
+        path = save_checkpoint(run_dir, model, ADAPTER_NAME, optimizer, scheduler, state,
+                               config.training.keep_checkpoints, base_name, hooks,
+                               extra={"scaler": scaler.state_dict()} if scaler is not None else None)
+        discard_replaced_runs(run_dir)  # the new run now has a checkpoint of its own
+        return path
+
     interrupted = False
     start = time.perf_counter()
     elapsed_before = state.elapsed_seconds
@@ -82,62 +120,117 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     last_loss = None
     step_seconds = 0.0
     model.train()
-    if state.step == 0:  # the starting point of the eval curve
-        _evaluate_and_check_stop(model, data, config, state, log, progress, strategy)
     try:
+        if state.step == 0:  # the starting point of the eval curve
+            _evaluate_and_check_stop(model, tokenizer, data, config, state, log, progress, strategy)
         with progress:
             while state.step < total_steps:
                 step_start = time.perf_counter()
                 position = (state.epoch, state.batch_index)
-                loss, tokens = _optimizer_step(model, optimizer, scheduler, data, state, config, strategy,
-                                               hooks, total_steps)
+                outcome = _optimizer_step(model, optimizer, scheduler, scaler, guard, data, state, config, strategy,
+                                          hooks, total_steps)
                 step_seconds += time.perf_counter() - step_start
                 state.step += 1
                 position = (state.epoch, state.batch_index)
-                state.tokens_seen += tokens
-                last_loss = loss
+                state.tokens_seen += outcome.tokens
                 elapsed = elapsed_before + time.perf_counter() - start
                 # Throughput of the optimizer steps alone: evaluation and checkpoint time excluded.
                 rate = (state.tokens_seen - tokens_at_start) / max(step_seconds, 1e-9)
-                lr = scheduler.get_last_lr()[0]
-                progress.update(state.step, loss, lr, rate)
-                if state.step % config.training.log_every == 0 or state.step in (1, total_steps):
-                    log.log({"step": state.step, "train_loss": loss, "lr": lr, "tokens_per_second": rate,
-                             "tokens_seen": state.tokens_seen, "elapsed_seconds": elapsed, "epoch": state.epoch})
+                last_loss = outcome.loss if outcome.applied else last_loss
+                _report_step(outcome, state, scheduler.get_last_lr()[0], rate, elapsed, guard, log, progress,
+                             config.training.log_every, total_steps)
                 if on_step is not None:
-                    on_step(state.step, loss)
+                    on_step(state.step, outcome.loss)
                 if _due(config.training.eval_every, state.step) or state.step == total_steps:
-                    if _evaluate_and_check_stop(model, data, config, state, log, progress, strategy):
+                    if _evaluate_and_check_stop(model, tokenizer, data, config, state, log, progress, strategy):
                         progress.note(f"early stopping at step {state.step}: no better eval loss in "
                                       f"{config.training.early_stopping_patience} evaluations")
                         break
                 if _due(config.training.save_every, state.step) and state.step < total_steps:
                     state.elapsed_seconds = elapsed
-                    save_checkpoint(run_dir, model, ADAPTER_NAME, optimizer, scheduler, state,
-                                    config.training.keep_checkpoints, base_name, hooks)
+                    save("scheduled")
     except KeyboardInterrupt:
         interrupted = True
         # A step cut short mid-accumulation is redone on resume: rewind to the data it started from.
         state.epoch, state.batch_index = position
         optimizer.zero_grad(set_to_none=True)
         state.elapsed_seconds = elapsed_before + time.perf_counter() - start
-        path = save_checkpoint(run_dir, model, ADAPTER_NAME, optimizer, scheduler, state,
-                               config.training.keep_checkpoints, base_name, hooks)
-        progress.note(f"interrupted: saved {path}; continue with --resume")
+        progress.note(f"interrupted: saved {save('interrupt')}; continue with --resume")
+    finally:
+        log.close()
     train_seconds = time.perf_counter() - start
-    adapter_dir = save_adapter(model, run_dir / "adapter", ADAPTER_NAME, base_model_name=base_name,
-                               base_quantization=config.quantization.model_dump(mode="json") if config.quantization else None)
-    log.close()
+    require_finite_adapter(model, state.step, "the final adapter", _name_of(latest_checkpoint(run_dir)))
+    adapter_dir = _save_final_adapter(model, run_dir, config)
+    discard_replaced_runs(run_dir)
     plot_loss_curve(run_dir)
     summary = RunSummary(
         run_dir=run_dir, adapter_dir=adapter_dir, steps=state.step, train_seconds=train_seconds,
         tokens_per_second=(state.tokens_seen - tokens_at_start) / max(step_seconds, 1e-9),
         peak_memory_mb=peak_memory_mb(device), final_train_loss=last_loss,
         best_eval_loss=state.best_eval_loss, trainable_params=trainable, total_params=total,
-        interrupted=interrupted,
+        interrupted=interrupted, nonfinite_steps=guard.skipped,
     )
     save_summary(summary)
     return summary
+
+
+def _report_step(outcome: StepOutcome, state: TrainState, lr: float, rate: float, elapsed: float,
+                 guard: NonFiniteGuard, log: MetricsLog, progress: TrainProgress, log_every: int, total_steps: int) -> None:
+    """The progress line and, every ``log_every`` steps (and on every skipped step), a metrics line."""
+    if outcome.applied:
+        progress.update(state.step, outcome.loss, lr, rate)
+    else:
+        progress.note(guard.note(outcome, state.step))
+    if outcome.applied and state.step % log_every != 0 and state.step not in (1, total_steps):
+        return
+    log.log({"step": state.step, "train_loss": _finite_or_none(outcome.loss), "grad_norm": _finite_or_none(outcome.grad_norm),
+             "lr": lr, "tokens_per_second": rate, "tokens_seen": state.tokens_seen, "elapsed_seconds": elapsed,
+             "epoch": state.epoch, "nonfinite_steps": guard.skipped, **({} if outcome.applied else {"skipped": True})})
+
+
+def _save_final_adapter(model: nn.Module, run_dir: Path, config: TrainConfig) -> Path:
+    """``adapter/`` written whole or not at all: into a temp folder, fsynced, then renamed into place."""
+    final = run_dir / "adapter"
+    tmp = run_dir / f".tmp-adapter-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(model, tmp, ADAPTER_NAME, base_model_name=config.model,
+                     base_quantization=config.quantization.model_dump(mode="json") if config.quantization else None)
+        fsync_tree(tmp)
+        replace_dir(tmp, final)
+        return final
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(run_dir)
+        raise CheckpointError(
+            f"could not save the final adapter in {run_dir / 'adapter'}: {exc.strerror or exc}"
+            + (f"; checkpoint {kept} is kept: free space and --resume to save it" if kept else "")
+        ) from None
+
+
+def _name_of(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: a non-finite measurement is logged as null."""
+    return value if math.isfinite(value) else None
+
+
+def loss_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16's range ends at 65504 and its small gradients flush to zero: scale the loss (and unscale
+    the gradients before clipping) as Micikevicius et al. 2018 §3.2 describe. bf16 has fp32's range."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def check_eval_generate(config: TrainConfig) -> None:
+    """``training.eval_generate`` needs held-out data; checked before anything loads."""
+    if config.training.eval_generate and (eval_source(config) is None or config.data.eval_size == 0):
+        raise ConfigError(
+            f"training.eval_generate={config.training.eval_generate} needs held-out examples, but this config has "
+            "none: set data.eval to a file in the training data's format (its final assistant turns are the gold "
+            "answers), or set training.eval_generate=0."
+        )
 
 
 def _attach_options(config: TrainConfig, tokenizer) -> dict:
@@ -219,8 +312,8 @@ def _mean_token_loss(model, batch, training) -> torch.Tensor:
     return loss_sum / max(1, int((batch["labels"][:, 1:] != -100).sum()))
 
 
-def _optimizer_step(model, optimizer, scheduler, data, state, config: TrainConfig, strategy,
-                    hooks: HookChain, total_steps: int) -> tuple[float, int]:
+def _optimizer_step(model, optimizer, scheduler, scaler, guard: NonFiniteGuard, data, state, config: TrainConfig,
+                    strategy, hooks: HookChain, total_steps: int) -> StepOutcome:
     training = config.training
     fetched = [_next_batch(data, state) for _ in range(training.grad_accum)]
     micro_batches = [strategy.to_device(batch) for batch, _ in fetched]
@@ -236,29 +329,55 @@ def _optimizer_step(model, optimizer, scheduler, data, state, config: TrainConfi
         extra = hooks.extra_loss(model)
         if extra is not None:
             loss = loss + extra / len(micro_batches)
-        loss.backward()
+        (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += float(batch_loss.detach())
-    if training.max_grad_norm is not None:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
-    hooks.before_optimizer_step(model, state.step, total_steps)
-    optimizer.step()
-    scheduler.step()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip and measure the true gradients
+    grad_norm = _clip_and_measure(optimizer, training.max_grad_norm)
+    outcome = StepOutcome(loss_sum / labelled, grad_norm, tokens)
+    outcome.applied = guard.allows(outcome.loss, grad_norm, state.step + 1, scaler.get_scale() if scaler else None)
+    if outcome.applied:
+        hooks.before_optimizer_step(model, state.step, total_steps)
+        scaler.step(optimizer) if scaler is not None else optimizer.step()
+    if scaler is not None:
+        scaler.update()  # halves the scale after an overflow, grows it after a run of good steps
+    with warnings.catch_warnings():
+        # A skipped step still advances the schedule, so the planned learning rates keep their steps.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    hooks.after_optimizer_step(model, state.step, total_steps)
-    return loss_sum / labelled, tokens
+    if outcome.applied:
+        hooks.after_optimizer_step(model, state.step, total_steps)
+    return outcome
 
 
-def _evaluate_and_check_stop(model, data: PreparedData, config: TrainConfig, state: TrainState,
+def _clip_and_measure(optimizer, max_grad_norm: float | None) -> float:
+    """The total gradient norm before clipping (clipped to ``max_grad_norm`` when set)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_grad_norm is not None:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+
+def _evaluate_and_check_stop(model, tokenizer, data: PreparedData, config: TrainConfig, state: TrainState,
                              log: MetricsLog, progress, strategy) -> bool:
     if not data.eval_batches:
         return False
     with eager_only():
         eval_loss = evaluate_loss(model, data.eval_batches, config.training.precision,
                                   config.training.loss_chunk_size, strategy.device)
-    log.log({"step": state.step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))})
-    state.history.append({"step": state.step, "eval_loss": eval_loss})
-    progress.note(f"step {state.step}: eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})")
+        accuracy = _eval_exact_match(model, tokenizer, data, config, strategy.device)
+    record = {"step": state.step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))}
+    line = f"step {state.step}: eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})"
+    if accuracy is not None:
+        record.update(eval_exact_match=accuracy.exact_match, eval_contains=accuracy.contains, eval_generated=accuracy.n)
+        line += f", exact match {accuracy.exact_match:.1%} of {accuracy.n}"
+        progress.show_exact_match(accuracy.exact_match)
+    log.log(record)
+    state.history.append({key: value for key, value in record.items() if key != "eval_perplexity"})
+    progress.note(line)
     if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
         state.best_eval_loss = eval_loss
         state.evals_without_improvement = 0
@@ -266,6 +385,20 @@ def _evaluate_and_check_stop(model, data: PreparedData, config: TrainConfig, sta
     state.evals_without_improvement += 1
     patience = config.training.early_stopping_patience
     return patience is not None and state.evals_without_improvement >= patience
+
+
+def _eval_exact_match(model, tokenizer, data: PreparedData, config: TrainConfig, device: torch.device):
+    """Greedy answers to the first ``training.eval_generate`` eval examples, scored against their
+    final assistant turns (None when off). Generation stops a few tokens past the longest gold
+    answer: a longer reply cannot be an exact match."""
+    examples = data.eval_examples[: config.training.eval_generate]
+    if not examples:
+        return None
+    longest = max(len(tokenizer(gold_answer(e), add_special_tokens=False)["input_ids"]) for e in examples)
+    with autocast(config.training.precision, device):
+        return score_generation(model, tokenizer, examples, template=config.data.template,
+                                max_new_tokens=longest + EXTRA_GENERATED_TOKENS,
+                                batch_size=config.training.eval_batch_size, progress=False, num_samples=0)
 
 
 def peak_memory_mb(device: torch.device) -> float:

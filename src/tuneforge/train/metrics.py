@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tuneforge.errors import TuneforgeError
 from tuneforge.fileio import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -46,16 +47,40 @@ def _tensorboard_writer(directory: Path):
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of ``metrics.jsonl``. A torn last line (the process died mid-write) is dropped;
+    a bad line anywhere else is an error naming it."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if line.strip()]
+    records = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if position == len(lines) - 1:
+                break  # torn by a crash while appending: everything before it is whole
+            raise TuneforgeError(f"{path}:{number} is not a JSON line ({line[:60]!r}); delete or fix that line") from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def curve_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) points of each plotted metric that was measured; steps without a value skipped."""
+    series = {}
+    for key in ("train_loss", "eval_loss", "eval_exact_match"):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if points:
+            series[key] = points
+    return series
 
 
 def plot_loss_curve(run_dir: Path) -> Path | None:
-    """Train loss (and eval loss where measured) against the optimizer step."""
-    records = read_metrics(run_dir / METRICS_FILE)
-    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    """Train loss (and eval loss where measured) against the optimizer step; the exact match of
+    ``training.eval_generate`` on a second axis."""
+    series = curve_series(read_metrics(run_dir / METRICS_FILE))
+    train, evals = series.get("train_loss"), series.get("eval_loss")
     if not train and not evals:
         return None
     import matplotlib
@@ -72,7 +97,15 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     axis.set_ylabel("cross-entropy (nats/token)")
     axis.set_title(f"tuneforge run: {run_dir.name}")
     axis.grid(alpha=0.3)
-    axis.legend()
+    handles, labels = axis.get_legend_handles_labels()
+    if "eval_exact_match" in series:
+        accuracy = axis.twinx()
+        accuracy.plot(*zip(*series["eval_exact_match"]), label="eval exact match", color="#2ca02c", marker="s", linewidth=1.4)
+        accuracy.set_ylabel("exact match (fraction of eval examples)")
+        accuracy.set_ylim(-0.02, 1.02)
+        more_handles, more_labels = accuracy.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    axis.legend(handles, labels)
     figure.tight_layout()
     path = run_dir / PLOT_FILE
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))

@@ -24,6 +24,7 @@ class RunSummary:
     trainable_params: int
     total_params: int
     interrupted: bool = False
+    nonfinite_steps: int = 0  # steps skipped for a NaN/inf loss or gradient norm
 
 
 def save_summary(summary: RunSummary) -> None:
@@ -42,6 +43,7 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
         ("peak memory", f"{summary.peak_memory_mb:,.0f} MiB"),
         ("final train loss", _fmt(summary.final_train_loss)),
         ("best eval loss", _fmt(summary.best_eval_loss)),
+        *([("skipped steps", f"{summary.nonfinite_steps} (non-finite loss or gradient norm)")] if summary.nonfinite_steps else []),
         ("trainable params", f"{summary.trainable_params:,} of {summary.total_params:,}"),
         ("adapter", str(summary.adapter_dir)),
         ("loss curve", str(summary.run_dir / "loss_curve.png")),

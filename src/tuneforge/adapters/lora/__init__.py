@@ -1,0 +1,1 @@
+"""LoRA and its variants (rsLoRA, DoRA) and data-driven initialisations (inits/)."""

@@ -1,0 +1,1 @@
+"""Orthogonal and reflection methods: OFT, BOFT, ETHER, HRA."""

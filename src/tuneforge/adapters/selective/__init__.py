@@ -1,0 +1,1 @@
+"""Scaling, selective, bottleneck and sparse methods: IA3, BitFit, LN tuning, bottleneck adapters, SHiRA, diff pruning, layer selection, trainable tokens."""

@@ -1,0 +1,1 @@
+"""Parameter sharing: VeRA, VB-LoRA, MoS, LoRA-XS, LoRETTA, RoAd."""
