@@ -222,6 +222,12 @@ def test_cancelling_a_running_job_frees_its_adapter(server):
 
 def test_requests_complete_while_a_job_trains_and_match_the_base(server):
     client = server.client
+    # The references first: building a fresh base seeds torch's global generator, which a running
+    # job's thread also draws from.
+    prompt = prompt_ids(server.tokenizer, "Hello")
+    expected_ids = reference_tokens(server.tokenizer, prompt, 6)
+    expected = server.tokenizer.decode(expected_ids, skip_special_tokens=True)
+    expected_logprobs = base_logprobs(server.tokenizer, prompt, expected_ids)
     # A request before the job, so the engine has listed the model's layers before the job wraps more.
     client.chat.completions.create(model=BASE, max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
     file_id = client.files.create(file=("t.jsonl", chat_lines(64)), purpose="fine-tune").id
@@ -230,10 +236,6 @@ def test_requests_complete_while_a_job_trains_and_match_the_base(server):
                                                           "learning_rate_multiplier": 10})
     wait_for(client, job.id, statuses=("running",))
     time.sleep(1.0)  # some steps first, so a job adapter leaking into served rows would show
-    prompt = prompt_ids(server.tokenizer, "Hello")
-    expected_ids = reference_tokens(server.tokenizer, prompt, 6)
-    expected = server.tokenizer.decode(expected_ids, skip_special_tokens=True)
-    expected_logprobs = base_logprobs(server.tokenizer, prompt, expected_ids)
     replies, errors = [], []
 
     def ask():

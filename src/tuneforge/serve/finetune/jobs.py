@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import queue
 import re
 import shutil
@@ -269,7 +270,10 @@ class FineTuningService:
             with self._lock:
                 job["fine_tuned_model"] = name
                 job["trained_tokens"] = trained_tokens
-                job["tuneforge"]["summary"] = {"steps": summary.steps, "final_train_loss": summary.final_train_loss,
+                final_loss = summary.final_train_loss
+                job["tuneforge"]["summary"] = {"steps": summary.steps,
+                                               "final_train_loss": final_loss if final_loss is None
+                                               or math.isfinite(final_loss) else None,
                                                "train_seconds": summary.train_seconds,
                                                "seconds_given_to_decoding": self._waited.pop(job_id, 0.0)}
                 self._finish(job, "succeeded")
@@ -320,8 +324,12 @@ class FineTuningService:
                               should_stop=lambda: job_id in self._cancel, yield_requested=engine.step_aside)
 
         def on_step(step: int, loss: float) -> None:
-            self._event(job_id, f"Step {step}: training loss={loss:.4f}", data={"step": step, "train_loss": loss},
-                        kind="metrics")
+            if math.isfinite(loss):
+                self._event(job_id, f"Step {step}: training loss={loss:.4f}", data={"step": step, "train_loss": loss},
+                            kind="metrics")
+            else:  # JSON has no NaN; the loop skipped this update (its non-finite guard)
+                self._event(job_id, f"Step {step}: non-finite loss, update skipped", level="warn",
+                            data={"step": step, "train_loss": None}, kind="metrics")
             if job_id in self._cancel:
                 raise JobCancelled()
             turns.between_steps()
@@ -423,9 +431,19 @@ def _tokens_seen(run_dir: Path) -> int | None:
     return int(seen[-1]) if seen else None
 
 
+def _disk_full(error: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain (the training loop re-raises a failed save as a CheckpointError)."""
+    seen = 0
+    while error is not None and seen < 16:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
 def job_error(error: BaseException, job_id: str) -> dict:
     """The job's `error` object: what went wrong, in words a client can act on."""
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+    if _disk_full(error):
         return {"code": "disk_full", "param": None,
                 "message": "the disk holding the server's state directory is full; free space and create the job again"}
     if isinstance(error, TuneforgeError):
