@@ -65,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     register_merge_commands(commands, _add_command)
     _add_command(commands, "demo", "the main job: finetune smollm2-135m on a bundled task, before/after",
                  add_demo_arguments, run_demo)
+    from tuneforge.select.command import add_select_arguments, run_select
+
+    _add_command(commands, "select", "pick the training examples that matter (dedup, IFD, diversity, GRAPE, ...)",
+                 add_select_arguments, run_select)
+
+    from tuneforge.federated.command import add_federated_arguments, run_federated_command
+
+    _add_command(commands, "federated", "finetune an adapter across Flower clients that keep their data",
+                 add_federated_arguments, run_federated_command)
     _add_command(commands, "methods", "list the adapter methods (adapter.method values) and what each does",
                  lambda sub: None, run_methods)
     return parser

@@ -20,6 +20,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SelectConfig(Section):
+    strategy: str = Field(..., description="selection strategy, or several joined by '+' (see `tuneforge select --help`)")
+    budget: float | int | None = Field(None, description="examples to keep: a fraction (0.3) or a count (300); optional for dedup/grape")
+    options: dict[str, Any] = Field(default_factory=dict, description="strategy options, e.g. {threshold: 0.9}")
+    batch_size: int = Field(16, gt=0, description="sequences per scoring batch")
+    cache_dir: str | None = Field(None, description="score cache folder (default ~/.cache/tuneforge/select)")
+
+
 class DataConfig(Section):
     train: str = Field("arithmetic", description="training data: a .jsonl/.json/.csv/.parquet file, a folder of them, or a bundled dataset name")
     eval: str | None = Field(None, description="held-out data (same forms); for a bundled train set, defaults to its eval split")
@@ -36,6 +44,8 @@ class DataConfig(Section):
     on_bad_record: Literal["error", "skip"] = Field("error", description="stop at a malformed record, or skip and count it")
     options: dict[str, Any] = Field(default_factory=dict, description="options of a bundled dataset, e.g. {size: 2000, seed: 0, language: english}")
     eval_size: int | None = Field(None, ge=0, description="use only the first N eval examples (0: no evaluation)")
+    select: SelectConfig | None = Field(None, description="select training examples before training, e.g. "
+                                        "{strategy: dedup+ifd, budget: 0.3}; the run's selection/ folder says which were kept and why")
 
 
 class QuantConfig(Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,9 +47,13 @@ def _edits_the_sequence(method: str) -> bool:
     return get_method(method).attach is not None
 
 
-def prepare_data(config: TrainConfig, tokenizer, mask_dtype: torch.dtype = torch.float32) -> PreparedData:
+def prepare_data(config: TrainConfig, tokenizer, mask_dtype: torch.dtype = torch.float32,
+                 select: Callable[[list[Example]], list[Example]] | None = None) -> PreparedData:
+    """``select`` (data.select) picks the training examples to keep, before tokenization."""
     data = config.data
     train_examples, skipped = load_split(config, data.train, "train")
+    if select is not None:
+        train_examples = select(train_examples)
     tokenize = dict(template=data.template, max_seq_len=data.max_seq_len, train_on=data.train_on)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     plan = BatchPlan(tokenize_examples(train_examples, tokenizer, **tokenize), config.training.batch_size,

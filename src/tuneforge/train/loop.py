@@ -29,6 +29,7 @@ from tuneforge.config.schema import TrainConfig
 from tuneforge.errors import ConfigError
 from tuneforge.eval.generation import gold_answer, require_gold_answers, score_generation
 from tuneforge.eval.loss import autocast, evaluate_loss
+from tuneforge.select.training import plan_training_selection
 from tuneforge.losses import token_loss_sum
 from tuneforge.train.checkpoint import (
     CheckpointError,
@@ -55,20 +56,27 @@ EXTRA_GENERATED_TOKENS = 8  # generated past the longest gold answer (its tokens
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, resume_anyway: bool = False,
-          model_and_tokenizer=None, on_step: Callable[[int, float], None] | None = None) -> RunSummary:
+          model_and_tokenizer=None, on_step: Callable[[int, float], None] | None = None,
+          prepare_adapter: Callable[[nn.Module], None] | None = None) -> RunSummary:
     """Finetune ``config.model`` with ``config.adapter`` on ``config.data``; returns the summary.
 
     ``model_and_tokenizer`` lets tests and benchmarks pass an already-built model. Nothing in
     ``output_dir`` changes until the config, data and model have loaded (see run_dir.py).
+    ``prepare_adapter`` runs once the adapter is attached and before the optimizer is built: federated
+    clients load the global adapter there (and may freeze parts of it).
     """
     resume = resume or resume_anyway
+    # A private copy: methods record run facts on their config (AdaLoRA's total_step), and the caller's
+    # object must stay what it passed (a resume with the same object compares equal to the saved one).
+    config = config.model_copy(deep=True)
     run_dir = check_run_dir(config, resume, overwrite, resume_anyway)
     check_eval_generate(config)
     torch.manual_seed(config.training.seed)
     device = resolve_device(config.device)
     strategy = pick_strategy(device)
+    selection = plan_training_selection(config, run_dir)  # every selection check, before the model loads
     model, tokenizer = model_and_tokenizer or _load_base(config, device)
-    data = prepare_data(config, tokenizer)
+    data = prepare_data(config, tokenizer, select=selection.bind(model, tokenizer) if selection else None)
     if config.training.eval_generate:
         require_gold_answers(data.eval_examples[: config.training.eval_generate])
     if config.quantization is not None and model_and_tokenizer is not None:
@@ -76,6 +84,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     torch.manual_seed(config.training.seed)  # adapter init must not depend on what loading consumed
     add_adapter(model, config.adapter, ADAPTER_NAME, **_attach_options(config, tokenizer))
     model.to(device)
+    if prepare_adapter is not None:
+        prepare_adapter(model)
     hooks = training_hooks(model, ADAPTER_NAME)
     if hooks.needs_data():
         hooks.prepare(model, _init_batches(data, strategy, config.training.init_batches),
@@ -95,6 +105,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         if scaler is not None and "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
     claim_run_dir(config, run_dir, resume, overwrite)  # everything loaded: only now may an old run move aside
+    if selection is not None:
+        selection.record()
     remove_stale_temp_dirs(run_dir)
     guard = NonFiniteGuard(config.training.max_nonfinite_steps)
     log = MetricsLog(run_dir, resume_step=state.step if resume else None)

@@ -24,7 +24,8 @@ from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.fileio import atomic_write_text
 
 RESOLVED_CONFIG = "config.yaml"
-RUN_CONTENTS = ("adapter", "checkpoints", "tensorboard", "metrics.jsonl", "loss_curve.png", RESOLVED_CONFIG, "summary.json")
+RUN_CONTENTS = ("adapter", "checkpoints", "tensorboard", "metrics.jsonl", "loss_curve.png", RESOLVED_CONFIG, "summary.json",
+                "selection")
 REPLACED_PREFIX = ".replaced-"
 # Keys that change what a checkpoint's data position, optimizer state or adapter weights mean:
 # resuming across a change to any of them would silently train a different run.

@@ -1,0 +1,1 @@
+"""Model-free selection algorithms: MinHash/LSH near-duplicates, k-means / k-center, facility location."""
