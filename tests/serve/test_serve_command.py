@@ -58,6 +58,9 @@ def test_serve_builds_an_app_with_the_adapters_dir(fake_load, tmp_path, monkeypa
     (("--max-batch-size", "0"), "--max-batch-size 0 must be a positive integer"),
     (("--port", "70000"), "--port 70000"),
     (("--adapters-dir", "/nonexistent/adapters"), "is not a directory"),
+    (("--finetune-share", "0"), "--finetune-share 0.0 must be in"),
+    (("--finetune-share", "1.5"), "--finetune-share 1.5 must be in"),
+    (("--finetune-slo-queue", "-1"), "--finetune-slo-queue -1 must be >= 0"),
 ])
 def test_bad_arguments_fail_before_the_model_loads(fake_load, argv, message):
     with pytest.raises(ConfigError, match=message):
@@ -91,3 +94,14 @@ def test_a_bad_quantize_value_is_argparses_error_before_anything_loads(fake_load
         main(["serve", "--quantize", "nf5"])
     assert exit_info.value.code == 2 and fake_load.calls == []
     assert "argument --quantize: invalid choice: 'nf5'" in capsys.readouterr().err
+
+
+def test_state_dir_turns_on_the_fine_tuning_routes_behind_the_admin_key(fake_load, tmp_path):
+    app = command.build_app(_args("--model", "tiny", "--state-dir", str(tmp_path / "state"), "--admin-key", "adm",
+                                  "--api-key", "usr", "--finetune-share", "0.3"))
+    with TestClient(app) as client:
+        assert client.get("/v1/fine_tuning/jobs", headers={"Authorization": "Bearer usr"}).status_code == 403
+        listed = client.get("/v1/fine_tuning/jobs", headers={"Authorization": "Bearer adm"})
+        assert listed.status_code == 200 and listed.json()["data"] == []
+    assert (tmp_path / "state" / "jobs").is_dir()
+    assert command.build_app(_args("--model", "tiny")).state.service.adapters is None  # off by default

@@ -104,6 +104,21 @@ def adapter_directory(spec: str, directory: str) -> str:
     raise ConfigError(f"--adapter {spec!r}: {directory!r} {problem}. Pass a folder holding {CONFIG_FILE}, or a training run folder (its adapter/ is used).")
 
 
+def run_template(adapter_dir: str) -> str | None:
+    """The chat template the training run that saved `adapter_dir` used (its run folder's resolved
+    config.yaml, `data.template`), or None when the adapter did not come from a run folder."""
+    import yaml
+
+    config = Path(adapter_dir).parent / "config.yaml"
+    if Path(adapter_dir).name != RUN_ADAPTER_FOLDER or not config.is_file():
+        return None
+    try:
+        template = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data", {}).get("template")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return template if template in TEMPLATE_NAMES or template == "tokenizer" else None
+
+
 def build_variants(adapter_specs: list[str], include_base: bool) -> dict[str, str | None]:
     """Display name -> adapter directory (None for the base model), checked to hold an adapter."""
     variants: dict[str, str | None] = {"base": None} if include_base else {}

@@ -98,6 +98,48 @@ class PromptFormat:
         text = self.render(messages, tokenizer)
         return list(tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"])
 
+    def end_of_turn(self, tokenizer) -> EndOfTurn:
+        """What closes an assistant turn in this format, split into the markers that are one token of
+        `tokenizer` (stop ids) and those that are not (stop strings). The chatml fallback's
+        `<|im_end|>` is several tokens in a tokenizer that lacks it (Gemma's), so only a stop string
+        can end a reply there."""
+        if self.template in ("auto", "tokenizer"):
+            markers = _template_markers(tokenizer)
+        else:
+            footer = BUILTIN_TEMPLATES[self.template].style("assistant").footer
+            markers = [footer] if footer and "{" not in footer else []  # "{eos}": the eos id stops already
+        token_ids, strings = [], []
+        for marker in markers:
+            ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1:
+                token_ids.append(int(ids[0]))
+            else:
+                strings.append(marker)
+        return EndOfTurn(tuple(token_ids), tuple(strings))
+
+
+@dataclass(frozen=True)
+class EndOfTurn:
+    """The end-of-turn marker(s) of a prompt format: as token ids where single tokens, else as text."""
+
+    token_ids: tuple[int, ...] = ()
+    strings: tuple[str, ...] = ()
+
+
+def _template_markers(tokenizer) -> list[str]:
+    from tuneforge.models.special_tokens import END_OF_TURN_MARKERS
+
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates ("default", "tool_use", ...)
+        template = "\n".join(template.values())
+    return [marker for marker in END_OF_TURN_MARKERS if template and marker in template]
+
+
+def cut_at_stop_strings(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first of `stops` (a marker written out as text ends the reply there)."""
+    cuts = [text.find(stop) for stop in stops if stop and stop in text]
+    return text[:min(cuts)] if cuts else text
+
 
 def gold_answer(example: Example) -> str:
     """The reply a prediction is scored against: the final assistant turn of the conversation
@@ -173,11 +215,13 @@ def until_stop(ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
 
 @torch.no_grad()
 def generate_batch(model: nn.Module, id_lists: Sequence[Sequence[int]], *, pad_id: int, stop_ids: Sequence[int],
-                   max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuations of a batch of prompts, each cut before its first stop token."""
+                   max_new_tokens: int, stop_strings: Sequence[str] = (), tokenizer=None) -> list[list[int]]:
+    """Greedy continuations of a batch of prompts, each cut before its first stop token; with
+    `stop_strings` (and the `tokenizer` that finds them), a row also ends once it writes one."""
     input_ids, attention_mask = left_pad(id_lists, pad_id)
     device = next(model.parameters()).device
-    output = model.generate(
+    string_stops = dict(stop_strings=list(stop_strings), tokenizer=tokenizer) if stop_strings else {}
+    output = model.generate(**string_stops,
         input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
         do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=list(stop_ids),
         # A checkpoint's sampling defaults (temperature, top_p) mean nothing under greedy decoding.
@@ -194,7 +238,8 @@ def generate_answers(model: nn.Module, tokenizer, examples: Sequence[Example], *
     _check_generation_options(max_new_tokens, batch_size)
     prompt_format = PromptFormat.for_tokenizer(template, tokenizer)
     prompts = [prompt_format.encode(example.prompt_messages, tokenizer) for example in examples]
-    stop_ids = stop_token_ids(model, tokenizer)
+    end_of_turn = prompt_format.end_of_turn(tokenizer)
+    stop_ids = list(dict.fromkeys([*stop_token_ids(model, tokenizer), *end_of_turn.token_ids]))
     pad_id = padding_id(model, tokenizer, stop_ids)
     was_training = model.training
     model.eval()
@@ -203,8 +248,10 @@ def generate_answers(model: nn.Module, tokenizer, examples: Sequence[Example], *
         with _batch_progress(-(-len(prompts) // batch_size), progress) as advance:
             for start in range(0, len(prompts), batch_size):
                 batch = prompts[start:start + batch_size]
-                for ids in generate_batch(model, batch, pad_id=pad_id, stop_ids=stop_ids, max_new_tokens=max_new_tokens):
-                    answers.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
+                for ids in generate_batch(model, batch, pad_id=pad_id, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
+                                          stop_strings=end_of_turn.strings, tokenizer=tokenizer):
+                    text = tokenizer.decode(ids, skip_special_tokens=True)
+                    answers.append(cut_at_stop_strings(text, end_of_turn.strings).strip())
                 advance()
     finally:
         model.train(was_training)

@@ -88,6 +88,7 @@ class AdapterManager:
         if self.directory is not None and not self.directory.is_dir():
             raise ConfigError(f"--adapters-dir {self.directory} is not a directory; create it or point to the folder holding your adapters")
         self.max_loaded = max_loaded_adapters
+        self._more_directories: list[Path] = []  # e.g. the fine-tuned models of the server's jobs
         self.model_lock = threading.RLock()
         self._lock = threading.Lock()
         self._loaded: dict[str, _Loaded] = {}
@@ -158,6 +159,14 @@ class AdapterManager:
             if name in self._loaded:
                 self._loaded[name].pinned = False
 
+    def add_directory(self, directory: str | Path) -> None:
+        """Serve the adapters in `directory` too (after those of the adapters directory, which win a
+        name both hold)."""
+        self._more_directories.append(Path(directory))
+
+    def _roots(self) -> list[Path]:
+        return [d for d in (self.directory, *self._more_directories) if d is not None]
+
     # ---- what exists ------------------------------------------------------------------------
 
     def loaded(self) -> list[dict]:
@@ -167,8 +176,8 @@ class AdapterManager:
     def available(self) -> list[str]:
         """Names of the adapters in the directory plus those in memory, sorted."""
         names = set()
-        if self.directory is not None:
-            for child in self.directory.iterdir():
+        for root in self._roots():
+            for child in root.iterdir():
                 if NAME_PATTERN.fullmatch(child.name) and (child / CONFIG_FILE).is_file() and self._inside(child):
                     names.add(child.name)
         with self._lock:
@@ -198,9 +207,10 @@ class AdapterManager:
     def adapter_path(self, name: str) -> Path:
         """The adapter's folder, after checking the name cannot lead outside the adapters directory."""
         self.check_name(name)
-        if self.directory is None:
+        if not self._roots():
             raise UnknownAdapterError(f"unknown model '{name}': this server has no adapters directory")
-        path = self.directory / name
+        candidates = [root / name for root in self._roots()]
+        path = next((c for c in candidates if c.is_dir() and (c / CONFIG_FILE).is_file()), candidates[0])
         if not path.is_dir() or not (path / CONFIG_FILE).is_file():
             raise UnknownAdapterError(f"unknown model '{name}': the adapters directory has no folder '{name}' "
                                       f"with {CONFIG_FILE}; available adapters: {self.available() or 'none'}")
@@ -209,7 +219,9 @@ class AdapterManager:
         return path
 
     def _inside(self, path: Path) -> bool:
-        return path.resolve().is_relative_to(self.directory.resolve())
+        """Whether `path` resolves into the root it is listed under (no link leads elsewhere)."""
+        root = next((r for r in self._roots() if path.parent.absolute() == r.absolute()), None)
+        return root is not None and path.resolve().is_relative_to(root.resolve())
 
     # ---- internals (model_lock held) --------------------------------------------------------
 
@@ -282,8 +294,9 @@ class AdapterManager:
             message = str(error)
             for absolute in {str(path.resolve()), str(path.absolute()), str(path)}:
                 message = message.replace(absolute, f"<adapters-dir>/{path.name}")
-            for absolute in {str(self.directory.resolve()), str(self.directory.absolute()), str(self.directory)}:
-                message = message.replace(absolute, "<adapters-dir>")
+            for root in self._roots():
+                for absolute in {str(root.resolve()), str(root.absolute()), str(root)}:
+                    message = message.replace(absolute, "<adapters-dir>")
             if message == str(error):
                 raise
             kind = type(error) if isinstance(error, AdapterError) else AdapterError  # keeps its HTTP status

@@ -4,6 +4,7 @@
     POST /v1/completions         prompt text (or token ids) -> text; `stream: true` for SSE chunks
     POST /v1/chat/completions    messages -> reply, rendered with the tokenizer's chat template
     POST /v1/adapters/load       {"name", "pin"?}     POST /v1/adapters/unload   {"name"}   (admin key)
+    /v1/files, /v1/fine_tuning/jobs...  with a state directory: fine-tuning jobs (serve/finetune/, admin key)
     GET  /health (always open)   GET /metrics (Prometheus text)   GET /docs, /openapi.json
 
 With an API key set, every route but /health needs `Authorization: Bearer <key>`; the adapter
@@ -49,6 +50,8 @@ from tuneforge.serve.engine import (
     GenerationRequest,
     RequestError,
 )
+from tuneforge.serve.finetune.files import InvalidUploadError, UnknownFileError
+from tuneforge.serve.finetune.jobs import JobConflictError, UnknownBaseModelError, UnknownJobError
 from tuneforge.serve.guard import RequestGuard, ServeLimits, log
 from tuneforge.serve.metrics import prometheus_text
 from tuneforge.serve.sampling import SamplingParams
@@ -66,6 +69,11 @@ class ApiError(Exception):
 # Most specific first: the first matching type decides (status, OpenAI error type, code).
 ERROR_STATUS: list[tuple[type[BaseException], int, str, str]] = [
     (UnknownAdapterError, 404, "invalid_request_error", "model_not_found"),
+    (UnknownBaseModelError, 404, "invalid_request_error", "model_not_found"),
+    (UnknownFileError, 404, "invalid_request_error", "file_not_found"),
+    (UnknownJobError, 404, "invalid_request_error", "job_not_found"),
+    (JobConflictError, 409, "invalid_request_error", "conflict"),
+    (InvalidUploadError, 400, "invalid_request_error", "invalid_file"),
     (InvalidAdapterNameError, 400, "invalid_request_error", "invalid_model_name"),
     (QueueFullError, 429, "rate_limit_error", "queue_full"),
     (AdapterCapacityError, 503, "server_error", "adapters_busy"),
@@ -224,7 +232,8 @@ class Service:
 
 def create_app(engine: Engine, adapters: AdapterManager | None, model_name: str, *, api_key: str | None = None,
                admin_key: str | None = None, request_timeout: float = 600.0,
-               limits: ServeLimits | None = None) -> FastAPI:
+               limits: ServeLimits | None = None, finetune=None) -> FastAPI:
+    """`finetune` (a serve.finetune.jobs.FineTuningService) adds the files and fine-tuning job routes."""
     for flag, key in (("--api-key", api_key), ("--admin-key", admin_key)):
         if key is not None and not key.strip():
             raise ConfigError(f"{flag} is empty, which would leave the server open to anyone; give a non-empty key, "
@@ -236,9 +245,13 @@ def create_app(engine: Engine, adapters: AdapterManager | None, model_name: str,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
+        if finetune is not None:
+            finetune.start()
         try:
             yield
         finally:
+            if finetune is not None:
+                finetune.stop()
             engine.stop()
 
     # FastAPI's own /docs and /openapi.json take no dependencies; ours below take the key.
@@ -286,6 +299,11 @@ def create_app(engine: Engine, adapters: AdapterManager | None, model_name: str,
     @app.post("/v1/adapters/unload", dependencies=admin_only)
     async def unload_adapter(body: AdapterBody):
         return await run_in_threadpool(_require_manager(adapters).unload, body.name)
+
+    if finetune is not None:
+        from tuneforge.serve.finetune.routes import add_finetune_routes
+
+        add_finetune_routes(app, finetune, admin_only)
 
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(body: CompletionBody, request: Request):

@@ -24,7 +24,7 @@ from tuneforge.adapters import load_adapter
 from tuneforge.adapters.model import adapter_book
 from tuneforge.data import TEMPLATE_NAMES, Message
 from tuneforge.errors import ConfigError
-from tuneforge.eval.command import adapter_directory
+from tuneforge.eval.command import adapter_directory, run_template
 from tuneforge.eval.generation import PromptFormat
 from tuneforge.models import DTYPE_CHOICES, load_model
 from tuneforge.models.placement import parse_device
@@ -129,7 +129,8 @@ class ChatSession:
             if len(active) > 1:
                 raise ConfigError(f"the model has several active adapters {active}; pass ChatSession(adapter=...)")
             self.adapter = active[0] if active else None
-        self.engine = Engine(self.model, self.tokenizer, max_batch_size=1, max_queue=1)
+        self.engine = Engine(self.model, self.tokenizer, max_batch_size=1, max_queue=1,
+                             template=self.prompt_format.template)
         self.reset()
 
     def reset(self) -> None:
@@ -156,7 +157,10 @@ def run_chat(args: argparse.Namespace) -> int:
     if adapter:
         load_adapter(loaded.model, adapter, name=ADAPTER_NAME)
     loaded.model.eval()
-    session = ChatSession(loaded.model, loaded.tokenizer, PromptFormat.for_tokenizer(args.template, loaded.tokenizer),
+    # With --template auto, a run folder's adapter is chatted with in the template its run trained on,
+    # so its prompts and its end-of-turn marker are the ones it learned.
+    template = (run_template(adapter) if adapter and args.template == "auto" else None) or args.template
+    session = ChatSession(loaded.model, loaded.tokenizer, PromptFormat.for_tokenizer(template, loaded.tokenizer),
                           settings, system=args.system)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -2,6 +2,7 @@
 
     tuneforge serve --model smollm2-135m --adapters-dir adapters/ --port 8000
     tuneforge serve --adapters-dir adapters/ --quantize nf4    # QLoRA adapters on the 4-bit base they trained on
+    tuneforge serve --state-dir serve-state/ --admin-key K     # + OpenAI fine-tuning jobs, co-served (serve/finetune/)
     curl localhost:8000/v1/completions -d '{"model": "my-adapter", "prompt": "Hi", "max_tokens": 16}'
 
 Every subdirectory of --adapters-dir holding a PEFT-format adapter is a model the API serves under
@@ -46,6 +47,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=64, metavar="N", help="most requests waiting; beyond it the API answers 429 (default 64)")
     parser.add_argument("--max-model-len", type=int, default=None, metavar="N", help="longest prompt + reply in tokens (default: the model's, at most 2048)")
     parser.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="seconds before a request fails with 503 (default 600)")
+    parser.add_argument("--state-dir", default=None, metavar="DIR",
+                        help="enable the fine-tuning API (/v1/files, /v1/fine_tuning/jobs): uploads, jobs and fine-tuned "
+                             "models are kept here and listed again after a restart")
+    parser.add_argument("--finetune-share", type=float, default=0.5, metavar="S",
+                        help="fraction of step time a fine-tuning job may take while requests are served, in (0, 1] (default 0.5)")
+    parser.add_argument("--finetune-slo-queue", type=int, default=None, metavar="N",
+                        help="SLO mode: a job pauses while more than N requests wait (default: off)")
     parser.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES), help="dtype of the base weights (default auto)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default auto)")
     parser.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES,
@@ -83,6 +91,11 @@ def check_serve_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--port {args.port} must be in 1..65535")
     if args.request_timeout <= 0:
         raise ConfigError(f"--request-timeout {args.request_timeout} must be positive")
+    from tuneforge.serve.finetune.coserve import CoservePolicy
+
+    CoservePolicy(args.finetune_share, args.finetune_slo_queue)  # refuses bad values before the slow load
+    if args.state_dir is not None and os.path.exists(args.state_dir) and not os.path.isdir(args.state_dir):
+        raise ConfigError(f"--state-dir {args.state_dir} is a file; point it to a directory (it is created if missing)")
     if args.adapters_dir is not None and not os.path.isdir(args.adapters_dir):
         raise ConfigError(f"--adapters-dir {args.adapters_dir} is not a directory; create it or point to the folder holding your adapters")
 
@@ -96,14 +109,23 @@ def build_app(args: argparse.Namespace):
     check_serve_arguments(args)  # before the slow load
     quantization = quantization_settings(args.quantize, parse_device(args.device))
     loaded = load_model(args.model, dtype=args.dtype, device=args.device, quantization=quantization)
-    manager = AdapterManager(loaded.model, args.adapters_dir, args.max_loaded_adapters) if args.adapters_dir else None
+    wants_manager = args.adapters_dir or args.state_dir  # fine-tuned models are served as adapters
+    manager = AdapterManager(loaded.model, args.adapters_dir, args.max_loaded_adapters) if wants_manager else None
     engine = Engine(loaded.model, loaded.tokenizer, adapters=manager, max_batch_size=args.max_batch_size,
                     max_queue=args.max_queue, max_model_len=args.max_model_len)
+    model_name = args.served_model_name or args.model
+    finetune = None
+    if args.state_dir is not None:
+        from tuneforge.serve.finetune.coserve import CoservePolicy
+        from tuneforge.serve.finetune.jobs import FineTuningService
+
+        finetune = FineTuningService(args.state_dir, engine, manager, model_name,
+                                     CoservePolicy(args.finetune_share, args.finetune_slo_queue))
     api_key, admin_key = serve_keys(args)
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_messages=args.max_messages,
                          max_prompt_chars=args.max_prompt_chars)
-    return create_app(engine, manager, args.served_model_name or args.model, api_key=api_key, admin_key=admin_key,
-                      request_timeout=args.request_timeout, limits=limits)
+    return create_app(engine, manager, model_name, api_key=api_key, admin_key=admin_key,
+                      request_timeout=args.request_timeout, limits=limits, finetune=finetune)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -7,6 +7,9 @@
     GenerationFailedError; only a failed batched forward fails the rows that shared it
     handle.result() / handle.deltas()  (blocking) or an `on_delta` callback (streaming)
 
+Models: decoder-only causal LMs with an LM head and grouped KV heads, full or sliding-window attention,
+or both per layer (Llama, Qwen2/3, Mistral, Phi-3, Gemma 3; `attention_windows` reads the config).
+
 The engine knows nothing of HTTP. It runs `step` in its own thread after `start()`, or in the
 caller's thread through `generate(...)` (tests, benchmarks, the terminal chat). Each row's adapter
 reaches the model through `AdaptedLayer.row_adapters`, where LoRA deltas for the whole batch are
@@ -21,6 +24,7 @@ refused (`unservable_model_level`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -37,7 +41,7 @@ from tuneforge.adapters.model_level import model_adapters
 from tuneforge.adapters.model_level.prompt_tuning import VirtualPromptAdapter
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.models.cache_keyword import cache_keyword
-from tuneforge.eval.generation import stop_token_ids
+from tuneforge.eval.generation import PromptFormat, stop_token_ids
 from tuneforge.serve.adapters import unservable_model_level
 from tuneforge.serve.kv_cache import SlotKVCache, decode_mask, prefill_mask
 from tuneforge.serve.metrics import EngineStats
@@ -240,7 +244,7 @@ class Engine:
     """Continuous batching over `model`; `adapters` (an AdapterManager) resolves adapter names."""
 
     def __init__(self, model: nn.Module, tokenizer, *, adapters=None, max_batch_size: int = 8,
-                 max_queue: int = 64, max_model_len: int | None = None):
+                 max_queue: int = 64, max_model_len: int | None = None, template: str = "auto"):
         if max_batch_size < 1:
             raise ConfigError(f"max_batch_size={max_batch_size} must be >= 1")
         if max_queue < 1:
@@ -260,8 +264,13 @@ class Engine:
             head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
             max_length=self.max_model_len, dtype=next(model.parameters()).dtype, device=self.device,
         )
+        self._windows = attention_windows(config)
+        self._softcap = getattr(config, "final_logit_softcapping", None)
         self.scheduler: Scheduler[_Sequence] = Scheduler(max_batch_size, max_queue)
-        self.stop_ids = set(stop_token_ids(model, tokenizer))
+        # The prompt format's end-of-turn marker ends every reply: as a token where it is one, as a
+        # stop string where the tokenizer splits it (chatml's <|im_end|> on a tokenizer without it).
+        self.end_of_turn = PromptFormat.for_tokenizer(template, tokenizer).end_of_turn(tokenizer)
+        self.stop_ids = set(stop_token_ids(model, tokenizer)) | set(self.end_of_turn.token_ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.stop_ids)
         self.stats = EngineStats()
         self._ids = itertools.count(1)
@@ -270,6 +279,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wakeup = threading.Event()
+        # Set by a fine-tuning job waiting for `lock` between its optimizer steps: the loop then pauses
+        # a moment after each step, since a lock released and at once retaken is rarely handed over.
+        self.step_aside = threading.Event()
 
     # ---- submitting -------------------------------------------------------------------------
 
@@ -277,6 +289,7 @@ class Engine:
         """Queue a request; raises RequestError (bad request), QueueFullError, or the adapter
         manager's errors (unknown adapter, no room to load it) before anything is queued."""
         self._check(request)
+        request = self._with_end_of_turn(request)
         if request.adapter is not None:
             if self.adapters is not None:
                 self.adapters.acquire(request.adapter)
@@ -294,6 +307,14 @@ class Engine:
             raise
         self._wakeup.set()
         return handle
+
+    def _with_end_of_turn(self, request: GenerationRequest) -> GenerationRequest:
+        """The request with the end-of-turn strings among its stops (unless it ignores eos)."""
+        extra = [s for s in self.end_of_turn.strings if s not in request.params.stop]
+        if not extra or request.params.ignore_eos:
+            return request
+        params = dataclasses.replace(request.params, stop=(*request.params.stop, *extra))
+        return dataclasses.replace(request, params=params)
 
     def _virtual_prompt(self, request: GenerationRequest) -> VirtualPromptAdapter | None:
         """The request's prompt-tuning-style adapter, if it has one; refuses model-level adapters
@@ -379,6 +400,8 @@ class Engine:
             if not worked:
                 self._wakeup.wait(0.05)
                 self._wakeup.clear()
+            elif self.step_aside.is_set():
+                time.sleep(0.001)
 
     def step(self) -> bool:
         """One scheduling iteration; returns False when there was nothing to do."""
@@ -409,10 +432,17 @@ class Engine:
             input_ids[row, : len(sequence.token_ids)] = torch.tensor(sequence.token_ids, device=self.device)
         positions = torch.arange(padded, device=self.device).expand(len(admitted), padded)  # (n, T)
         self.cache.plan_prefill(slots, padded)
-        mask = prefill_mask(lengths, padded, self.cache.dtype)
+        mask = self._masks(lambda window: prefill_mask(lengths, padded, self.cache.dtype, window))
         hidden = self._run(admitted, input_ids, positions, mask, with_virtual_tokens=True)  # (n, T, d)
         last = hidden[torch.arange(len(admitted), device=self.device), lengths - 1]  # (n, d)
         self._sample(admitted, last)
+
+    def _masks(self, build):
+        """One additive mask for every layer, or (hybrid models such as Gemma 3) one per layer type,
+        keyed as the model's `config.layer_types` names them; `build(window)` makes one."""
+        if isinstance(self._windows, dict):
+            return {kind: build(window) for kind, window in self._windows.items()}
+        return build(self._windows)
 
     def _isolated(self, stage, rows: list[_Sequence], name: str) -> None:
         """Run one batched forward; if it raises, the rows it was computing fail, nobody else
@@ -428,7 +458,8 @@ class Engine:
         input_ids = torch.tensor([[s.token_ids[-1]] for s in running], device=self.device)  # (B, 1)
         positions = torch.tensor([s.cached_length for s in running], device=self.device)  # (B,)
         self.cache.plan_decode(positions)
-        mask = decode_mask(positions, int(positions.max()) + 1, self.cache.dtype)
+        kv_length = int(positions.max()) + 1
+        mask = self._masks(lambda window: decode_mask(positions, kv_length, self.cache.dtype, window))
         hidden = self._run(running, input_ids, positions[:, None], mask)  # (B, 1, d)
         self._sample(running, hidden[:, -1])
 
@@ -477,6 +508,8 @@ class Engine:
         """Each row picks and takes its token on its own: a row that raises fails alone."""
         with torch.inference_mode():
             logits = self.head(hidden).float()  # (B, V)
+            if self._softcap:  # Gemma's final logit soft-capping, as its ForCausalLM applies it
+                logits = torch.tanh(logits / self._softcap) * self._softcap
             log_probs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs for s in sequences) else None
         for row, sequence in enumerate(sequences):
             try:
@@ -534,13 +567,34 @@ class Engine:
             sequence.handle._finish(None, error)
 
 
+ATTENTION_KINDS = ("full_attention", "sliding_attention")
+
+
+def attention_windows(config) -> int | None | dict[str, int | None]:
+    """The attention window of every layer: None (all full causal), one int (every layer slides, as
+    Mistral's and Phi-3's `sliding_window` say), or per layer type for hybrid models (Gemma 3, Qwen2 with
+    sliding layers): {"full_attention": None, "sliding_attention": window}. The decoder takes a dict
+    mask keyed by layer type and a single mask as-is."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        return window
+    unknown = sorted(set(layer_types) - set(ATTENTION_KINDS))
+    if unknown:
+        raise ConfigError(f"the serving engine supports full and sliding-window attention layers; this model also "
+                          f"has {unknown} (config.layer_types)")
+    if set(layer_types) == {"full_attention"}:
+        return None
+    return {kind: window if kind == "sliding_attention" else None for kind in set(layer_types)}
+
+
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The decoder stack and the LM head, so that only the positions that are sampled get logits."""
     decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if decoder is None or head is None or not hasattr(model.config, "num_key_value_heads"):
         raise ConfigError(
-            f"the serving engine supports Llama-family causal LMs (decoder + lm_head, grouped KV heads); "
-            f"{type(model).__name__} is not one"
+            f"the serving engine supports decoder-only causal LMs with an LM head and grouped KV heads (Llama, "
+            f"Qwen2/3, Mistral, Gemma 3, Phi-3 and their kin); {type(model).__name__} is not one"
         )
     return decoder, head

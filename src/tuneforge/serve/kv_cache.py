@@ -4,10 +4,11 @@ Per attention layer the cache holds keys and values of shape (slots, kv_heads, c
 The running batch always occupies slots 0..B-1 in batch order (a finished row's slot is refilled by
 moving the last row into it), so a decoding step reads the cache as a view, never a gather. Before
 each forward the engine states what it writes (`plan_prefill` / `plan_decode`); the attention
-layers then call `update(keys, values, layer_idx)`, the one method transformers' Llama-family
-attention needs from a cache object, and get back the keys and values to attend over. Which of those
-each query may see is the engine's explicit 4D mask (`prefill_mask` / `decode_mask`), so rows of
-different lengths never see each other's padding.
+layers then call `update(keys, values, layer_idx)`, the one method transformers' decoder attention
+(Llama, Qwen2/3, Mistral, Gemma 3, Phi-3) needs from a cache object, and get back the keys and values
+to attend over. Which of those each query may see is the engine's explicit 4D mask (`prefill_mask` /
+`decode_mask`), so rows of different lengths never see each other's padding; a sliding-window layer
+keeps every key in its slot and its mask hides those older than the window.
 """
 
 from __future__ import annotations
@@ -94,18 +95,26 @@ class SlotKVCache:
         return keys[first:last, :, : self._kv_length], values[first:last, :, : self._kv_length]
 
 
-def prefill_mask(lengths: torch.Tensor, padded_length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (rows, 1, T, T): query i sees key j when j <= i and j is a real prompt token."""
+def prefill_mask(lengths: torch.Tensor, padded_length: int, dtype: torch.dtype,
+                 window: int | None = None) -> torch.Tensor:
+    """Additive mask (rows, 1, T, T): query i sees key j when j <= i and j is a real prompt token,
+    and, for a sliding-window layer, i - j < window (transformers' `sliding_window_overlay`)."""
     positions = torch.arange(padded_length, device=lengths.device)
     causal = positions[None, :] <= positions[:, None]  # (T, T)
+    if window is not None:
+        causal = causal & (positions[None, :] > positions[:, None] - window)
     real = positions[None, :] < lengths[:, None]  # (rows, T)
     allowed = causal[None] & real[:, None, :]  # (rows, T, T)
     return _additive(allowed[:, None], dtype)
 
 
-def decode_mask(positions: torch.Tensor, kv_length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (B, 1, 1, kv_length): the new token of a row at position p sees keys 0..p."""
-    allowed = torch.arange(kv_length, device=positions.device)[None, :] <= positions[:, None]  # (B, kv)
+def decode_mask(positions: torch.Tensor, kv_length: int, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """Additive mask (B, 1, 1, kv_length): the new token of a row at position p sees keys 0..p
+    (p - window + 1..p in a sliding-window layer; the cache keeps every key, the mask hides the old)."""
+    keys = torch.arange(kv_length, device=positions.device)[None, :]  # (1, kv)
+    allowed = keys <= positions[:, None]  # (B, kv)
+    if window is not None:
+        allowed = allowed & (keys > positions[:, None] - window)
     return _additive(allowed[:, None, None], dtype)
 
 
