@@ -69,13 +69,15 @@ class UpdateRuleConfig(BaseModel):
                                                "(one full gradient alive at a time); needs grad_accum 1")
     switch_every: int = Field(50, gt=0, description="badam/lisa: steps between block (or layer sample) switches")
     order: Literal["ascending", "descending", "random", "fixed"] = Field(
-        "ascending", description="badam: the order blocks take turns; fixed keeps the first block of 'blocks'")
-    blocks: list[int] | None = Field(None, description="badam order=fixed: the decoder layers trained, in turn")
+        "ascending", description="badam: the order decoder-layer blocks take turns (random: reshuffled every round; fixed: the "
+                                  "layers listed in 'blocks', in that order)")
+    blocks: list[int] | None = Field(None, description="badam order=fixed: the decoder layers that take turns")
     active_layers: int = Field(2, gt=0, description="lisa: γ, the middle layers sampled to train every switch_every steps")
     eps: float = Field(1e-3, gt=0, allow_inf_nan=False, description="mezo: perturbation size ε of SPSA")
     n_spsa: int = Field(1, gt=0, description="mezo: perturbations averaged per step (n-SPSA)")
     clip_two_pass: bool = Field(True, description="lomo/adalomo: with training.max_grad_norm, a first backward measures "
-                                                  "the gradient norm and a second applies the clipped update")
+                                                  "the gradient norm and a second applies the clipped update (false: one backward, "
+                                                  "no clipping)")
 
 
 def check_update_rule(config) -> list[str]:
@@ -94,6 +96,10 @@ def check_update_rule(config) -> list[str]:
     if rule.method == "galore" and rule.per_layer and training.grad_accum > 1:
         problems.append(f"update_rule.per_layer=true updates each weight inside backward, so it cannot accumulate "
                         f"training.grad_accum={training.grad_accum}: set training.grad_accum=1 or update_rule.per_layer=false")
+    if rule.method == "galore" and rule.per_layer and training.max_grad_norm is not None:
+        problems.append(f"update_rule.per_layer=true applies each weight's update before the next gradient exists, "
+                        f"so no global norm can clip it (training.max_grad_norm={training.max_grad_norm}): set "
+                        "training.max_grad_norm=null or update_rule.per_layer=false")
     if rule.method in ("lomo", "adalomo", "mezo") and training.optimizer != "adamw":
         problems.append(f"update_rule.method={rule.method} is its own optimizer; training.optimizer="
                         f"{training.optimizer!r} would be ignored: leave training.optimizer at adamw")
