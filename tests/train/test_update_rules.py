@@ -300,3 +300,12 @@ def test_lisa_keeps_embeddings_and_head_on_and_samples_gamma_layers():
         assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])
         samples.add(tuple(layers))
     assert len(samples) > 1, "a new sample every switch_every steps"
+
+
+def test_badam_restarts_adam_even_when_the_same_block_follows_itself():
+    model, rule, _ = model_and_rule({"method": "badam", "switch_every": 2, "order": "fixed", "blocks": [1]})
+    steps = []
+    for step in range(3):
+        backprop_steps_at(model, rule, step)
+        steps.append({int(s["step"]) for s in rule.optimizer.state.values() if s})
+    assert steps == [{1}, {2}, {1}], "a block's Adam moments are cleared at every switch (BAdam Algorithm 1)"
