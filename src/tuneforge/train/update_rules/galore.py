@@ -111,14 +111,15 @@ class PerLayerGaLore(UpdateRule):
 
     def __init__(self, optimizer: GaLoreAdamW):
         super().__init__(optimizer)
-        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-        for group in optimizer.param_groups:
+        for index, group in enumerate(optimizer.param_groups):
             for param in group["params"]:
-                param.register_post_accumulate_grad_hook(self._updater(group_of[id(param)]))
+                param.register_post_accumulate_grad_hook(self._updater(index))
 
-    def _updater(self, group: dict):
+    def _updater(self, group_index: int):
         def update_and_free(param: nn.Parameter) -> None:
-            self.optimizer.update_param(param, group)
+            # Looked up now, not captured: loading a checkpoint replaces the group dicts, and the
+            # scheduler sets the learning rate on the current ones.
+            self.optimizer.update_param(param, self.optimizer.param_groups[group_index])
             param.grad = None  # the next layer's gradient may use this memory
         return update_and_free
 
