@@ -309,3 +309,22 @@ def test_badam_restarts_adam_even_when_the_same_block_follows_itself():
         backprop_steps_at(model, rule, step)
         steps.append({int(s["step"]) for s in rule.optimizer.state.values() if s})
     assert steps == [{1}, {2}, {1}], "a block's Adam moments are cleared at every switch (BAdam Algorithm 1)"
+
+
+def test_badam_matches_the_badam_package():
+    """badam's BlockOptimizer as the oracle. With switch_every > 1 its first block gets one step fewer
+    (badam 1.4 tests ``(global_step + 1) % K`` after counting the step), so the schedules agree at K = 1,
+    where every step switches block and restarts Adam: the order and the moment resets are compared."""
+    badam = pytest.importorskip("badam")
+    ours, rule, _ = model_and_rule({"method": "badam", "switch_every": 1, "order": "descending"})
+    backprop_steps(ours, rule, steps=5)
+    reference = tiny_llama(seed=3).train()
+    optimizer = badam.BlockOptimizer(torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0),
+                                     list(reference.named_parameters()), switch_block_every=1,
+                                     switch_mode="descending", verbose=0)
+    for step in range(5):
+        loss_of(reference, seed=step + 1).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert max_difference(ours, reference) < 1e-6
+    assert max_difference(ours, adamw_reference(1e-2, 5)) > 1e-3, "BAdam must not be plain AdamW"
