@@ -151,6 +151,9 @@ def test_the_saved_model_is_a_transformers_directory_with_only_the_chosen_weight
     summary = train(config, model_and_tokenizer=(model, tokenizer))
     assert summary.adapter_dir == summary.run_dir / "model"
     assert (summary.adapter_dir / "model.safetensors").is_file() and (summary.adapter_dir / "tokenizer.json").is_file()
+    from tuneforge.models import load_model
+
+    assert load_model(str(summary.adapter_dir)).model.config.num_hidden_layers == 2  # what `tuneforge serve --model` loads
     loaded = _load(summary.adapter_dir)
     for name, param in loaded.named_parameters():
         moved = not torch.equal(param, before[name])

@@ -89,6 +89,9 @@ def load_trainable(model: nn.Module, directory: Path, expected: set[str]) -> Non
     """Copy a checkpoint's tensors into the model; names or shapes that disagree are refused."""
     from tuneforge.train.checkpoint import CheckpointError
 
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{directory.parent} holds no {directory.name}/{WEIGHTS_FILE}: it was not saved by a full "
+                              "finetune (adapter.method: full); resume it with the adapter it was trained with")
     saved = load_file(str(directory / WEIGHTS_FILE))
     params = dict(model.named_parameters())
     if set(saved) != expected:
