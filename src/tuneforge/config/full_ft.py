@@ -64,7 +64,8 @@ class UpdateRuleConfig(BaseModel):
                                  "(full or an adapter); see docs/full_finetuning.md")
     rank: int = Field(128, gt=0, description="galore/apollo: rank of the gradient projection (apollo-mini uses 1)")
     update_proj_gap: int = Field(200, gt=0, description="galore/apollo: steps between new projections")
-    scale: float = Field(0.25, gt=0, allow_inf_nan=False, description="galore/apollo: scale α of the projected-back update")
+    scale: float = Field(0.25, gt=0, allow_inf_nan=False, description="galore: scale α of the projected-back update; apollo and "
+                                                                  "apollo-mini use 1 and √128 unless this is set")
     per_layer: bool = Field(False, description="galore: update each weight as its gradient arrives in backward "
                                                "(one full gradient alive at a time); needs grad_accum 1")
     switch_every: int = Field(50, gt=0, description="badam/lisa: steps between block (or layer sample) switches")
