@@ -13,7 +13,10 @@ Algorithm 1. For a decoder-layer weight W (m x n, m ≤ n; the transposed case m
 
 The moments are r x n, so APOLLO-Mini's state is two vectors per weight: SGD-like memory. The
 projection is kept in the optimizer state (r x m numbers), so a resumed run continues with it.
-Defaults: α = 1 for APOLLO and √128 for APOLLO-Mini unless ``update_rule.scale`` is set.
+Defaults: α = 1 for APOLLO and √128 for APOLLO-Mini unless ``update_rule.scale`` is set (the authors'
+scripts pass apollo_scale 1 and 128, and their apollo-torch multiplies the update by its square root).
+apollo-torch 1.0.3 is not the test oracle: it also multiplies the rescaled *raw* gradient by Adam's
+bias-correction factor and seeds its projections differently; the test writes Algorithm 1 out instead.
 """
 
 from __future__ import annotations
