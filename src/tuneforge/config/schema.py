@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneforge.adapters.config import AdapterConfig, LoraConfig
+from tuneforge.config.full_ft import FullConfig, UpdateRuleConfig, check_update_rule
 from tuneforge.errors import ConfigError
 
 
@@ -132,6 +133,9 @@ class TrainConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     quantization: QuantConfig | None = Field(None, description="load the base model quantized (QLoRA)")
+    update_rule: UpdateRuleConfig = Field(
+        default_factory=UpdateRuleConfig,
+        description="how a step updates the weights (full finetuning: GaLore, APOLLO, BAdam, LISA, LOMO, MeZO)")
 
     @field_validator("adapter", mode="before")
     @classmethod
@@ -141,6 +145,8 @@ class TrainConfig(Section):
         from tuneforge.adapters.registry import get_method
 
         fields = dict(value)
+        if fields.get("method") == "full":  # a training mode, not a registered adapter (config/full_ft.py)
+            return FullConfig(**fields)
         spec = get_method(fields.setdefault("method", "lora"))
         return spec.config_class(**fields)
 
@@ -149,6 +155,13 @@ class TrainConfig(Section):
         device = self.device
         if device not in ("auto", "cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
             raise ValueError(f"device={device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        return self
+
+    @model_validator(mode="after")
+    def _update_rule_fits(self) -> "TrainConfig":
+        problems = check_update_rule(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -214,7 +227,7 @@ def describe_keys() -> str:
     def walk(cls: type[BaseModel], prefix: str) -> None:
         for name, field in cls.model_fields.items():
             nested = section_class([*prefix.split(".")[:-1], name] if prefix else [name]) if name != "adapter" else None
-            if nested is not None and nested is not cls and name in ("data", "training", "quantization"):
+            if nested is not None and nested is not cls and name in ("data", "training", "quantization", "update_rule"):
                 lines.append(f"\n{prefix}{name}:  {field.description or ''}".rstrip())
                 walk(nested, f"{prefix}{name}.")
                 continue
@@ -227,6 +240,10 @@ def describe_keys() -> str:
     lines.append("\nadapter.* keys of the default method (lora):")
     for name, field in LoraConfig.model_fields.items():
         lines.append(f"  adapter.{name} (default {field.get_default(call_default_factory=True)!r})")
+    lines.append("\nadapter.* keys of full finetuning (adapter.method: full):")
+    for name in ("trainable", "layers"):
+        field = FullConfig.model_fields[name]
+        lines.append(f"  adapter.{name} (default {field.default!r}): {field.description}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""Checkpoints: adapter (PEFT format), optimizer, scheduler, RNG states and the data position.
+"""Checkpoints: adapter (PEFT format) or a full finetune's trainable weights, optimizer, scheduler,
+RNG states and the data position.
 
 A checkpoint is written into a hidden ``.tmp-*`` folder, every file and the folder are fsynced,
 and only then is it renamed into place: a crash or a full disk while saving never leaves a
@@ -76,15 +77,19 @@ def restore_rng_states(states: dict) -> None:
 
 def save_checkpoint(run_dir: Path, model: nn.Module, adapter_name: str, optimizer, scheduler,
                     state: TrainState, keep: int, base_model_name: str | None = None, hooks=None,
-                    extra: dict | None = None) -> Path:
+                    extra: dict | None = None, full_weights=None) -> Path:
     """Write ``checkpoints/step-NNNNNNN`` atomically; on any OSError (a full disk) raise one
-    CheckpointError and leave the earlier checkpoints as they were."""
+    CheckpointError and leave the earlier checkpoints as they were. ``full_weights`` (a full finetune's
+    ``train.full.FullWeights``) is saved in ``weights/`` in place of the adapter."""
     root = run_dir / CHECKPOINTS
     final = root / f"step-{state.step:07d}"
     tmp = root / f"{TEMP_PREFIX}step-{state.step:07d}-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(model, tmp / "adapter", adapter_name, base_model_name=base_model_name)
+        if full_weights is not None:
+            full_weights.save(tmp / "weights")
+        else:
+            save_adapter(model, tmp / "adapter", adapter_name, base_model_name=base_model_name)
         torch.save({
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -182,10 +187,14 @@ def read_trainer_state(path: Path) -> dict:
         ) from None
 
 
-def load_checkpoint(path: Path, model: nn.Module, adapter_name: str, optimizer, scheduler, hooks=None) -> tuple[TrainState, dict]:
+def load_checkpoint(path: Path, model: nn.Module, adapter_name: str, optimizer, scheduler, hooks=None,
+                    full_weights=None) -> tuple[TrainState, dict]:
     """Restore everything saved at ``path``; returns the train state and the whole saved dict."""
     saved = read_trainer_state(path)
-    load_adapter_weights(model, path / "adapter", adapter_name)
+    if full_weights is not None:
+        full_weights.load(path / "weights")
+    else:
+        load_adapter_weights(model, path / "adapter", adapter_name)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     restore_rng_states(saved["rng"])

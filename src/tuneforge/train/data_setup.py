@@ -44,7 +44,7 @@ def _edits_the_sequence(method: str) -> bool:
     row as one sequence, so the rows they get keep each example whole."""
     from tuneforge.adapters import get_method
 
-    return get_method(method).attach is not None
+    return method != "full" and get_method(method).attach is not None  # full finetuning adds nothing
 
 
 def prepare_data(config: TrainConfig, tokenizer, mask_dtype: torch.dtype = torch.float32,

@@ -3,6 +3,7 @@
     for each optimizer step:
         for each of grad_accum micro-batches: forward (chunked CE on labelled tokens), backward
         clip -> optimizer.step (skipped when the loss or gradient norm is not finite) -> scheduler.step
+        (an update rule that takes the whole step -- LOMO, MeZO -- does forward..update itself; update_rules/)
         -> log / eval (loss; exact match with training.eval_generate) / checkpoint
 
 Everything needed to continue exactly (adapter, optimizer, scheduler, RNG, data position) is in
@@ -43,13 +44,15 @@ from tuneforge.train.checkpoint import (
 )
 from tuneforge.train.compile import compile_decoder_layers, eager_only
 from tuneforge.train.data_setup import PreparedData, eval_source, prepare_data
+from tuneforge.train.full import FullWeights, is_full_finetune, save_full_model
 from tuneforge.train.metrics import MetricsLog, plot_loss_curve
 from tuneforge.train.nonfinite import NonFiniteGuard, StepOutcome, require_finite_adapter
-from tuneforge.train.optim import build_optimizer, build_scheduler
+from tuneforge.train.optim import build_scheduler
 from tuneforge.train.progress import TrainProgress
 from tuneforge.train.report import RunSummary, save_summary
 from tuneforge.train.run_dir import check_run_dir, claim_run_dir, discard_replaced_runs
 from tuneforge.train.strategy import pick_strategy, resolve_device
+from tuneforge.train.update_rules import UpdateRule, build_update_rule
 
 ADAPTER_NAME = "default"
 EXTRA_GENERATED_TOKENS = 8  # generated past the longest gold answer (its tokens may split differently)
@@ -82,11 +85,14 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if config.quantization is not None and model_and_tokenizer is not None:
         _quantize_base(model, config, device)  # a model we did not load: quantize it in place
     torch.manual_seed(config.training.seed)  # adapter init must not depend on what loading consumed
-    add_adapter(model, config.adapter, ADAPTER_NAME, **_attach_options(config, tokenizer))
+    full = is_full_finetune(config.adapter)
+    full_weights = FullWeights(model, config.adapter) if full else None  # the model's own weights train
+    if not full:
+        add_adapter(model, config.adapter, ADAPTER_NAME, **_attach_options(config, tokenizer))
     model.to(device)
     if prepare_adapter is not None:
         prepare_adapter(model)
-    hooks = training_hooks(model, ADAPTER_NAME)
+    hooks = HookChain([]) if full else training_hooks(model, ADAPTER_NAME)
     if hooks.needs_data():
         hooks.prepare(model, _init_batches(data, strategy, config.training.init_batches),
                       lambda m, batch: _mean_token_loss(m, batch, config.training))
@@ -95,13 +101,15 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if config.training.compile:
         compile_decoder_layers(model)
     total_steps = planned_steps(config, data)
-    optimizer = build_optimizer(model, config.training)
+    rule = build_update_rule(model, config, full_finetune=full)
+    optimizer = rule.optimizer
     scheduler = build_scheduler(optimizer, config.training, total_steps)
     scaler = loss_scaler(config.training.precision, device)
     state = TrainState()
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        state, saved = load_checkpoint(checkpoint, model, ADAPTER_NAME, optimizer, scheduler, hooks)
+        state, saved = load_checkpoint(checkpoint, model, ADAPTER_NAME, optimizer, scheduler, hooks, full_weights)
+        rule.load_state_dict(saved.get("update_rule", {}))
         if scaler is not None and "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
     claim_run_dir(config, run_dir, resume, overwrite)  # everything loaded: only now may an old run move aside
@@ -120,7 +128,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         require_finite_adapter(model, state.step, f"the {reason} checkpoint", _name_of(latest_checkpoint(run_dir)))
         path = save_checkpoint(run_dir, model, ADAPTER_NAME, optimizer, scheduler, state,
                                config.training.keep_checkpoints, base_name, hooks,
-                               extra={"scaler": scaler.state_dict()} if scaler is not None else None)
+                               extra={"update_rule": rule.state_dict(),
+                                      **({"scaler": scaler.state_dict()} if scaler is not None else {})},
+                               full_weights=full_weights)
         discard_replaced_runs(run_dir)  # the new run now has a checkpoint of its own
         return path
 
@@ -139,7 +149,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
             while state.step < total_steps:
                 step_start = time.perf_counter()
                 position = (state.epoch, state.batch_index)
-                outcome = _optimizer_step(model, optimizer, scheduler, scaler, guard, data, state, config, strategy,
+                outcome = _optimizer_step(model, rule, scheduler, scaler, guard, data, state, config, strategy,
                                           hooks, total_steps)
                 step_seconds += time.perf_counter() - step_start
                 state.step += 1
@@ -172,7 +182,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         log.close()
     train_seconds = time.perf_counter() - start
     require_finite_adapter(model, state.step, "the final adapter", _name_of(latest_checkpoint(run_dir)))
-    adapter_dir = _save_final_adapter(model, run_dir, config)
+    adapter_dir = (_save_final_model(model, tokenizer, run_dir) if full else _save_final_adapter(model, run_dir, config))
     discard_replaced_runs(run_dir)
     plot_loss_curve(run_dir)
     summary = RunSummary(
@@ -216,6 +226,25 @@ def _save_final_adapter(model: nn.Module, run_dir: Path, config: TrainConfig) ->
         kept = latest_checkpoint(run_dir)
         raise CheckpointError(
             f"could not save the final adapter in {run_dir / 'adapter'}: {exc.strerror or exc}"
+            + (f"; checkpoint {kept} is kept: free space and --resume to save it" if kept else "")
+        ) from None
+
+
+def _save_final_model(model: nn.Module, tokenizer, run_dir: Path) -> Path:
+    """A full finetune's ``model/``: a transformers directory, written whole or not at all."""
+    final = run_dir / "model"
+    tmp = run_dir / f".tmp-model-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_full_model(model, tmp, tokenizer)
+        fsync_tree(tmp)
+        replace_dir(tmp, final)
+        return final
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(run_dir)
+        raise CheckpointError(
+            f"could not save the final model in {final}: {exc.strerror or exc}"
             + (f"; checkpoint {kept} is kept: free space and --resume to save it" if kept else "")
         ) from None
 
@@ -324,15 +353,19 @@ def _mean_token_loss(model, batch, training) -> torch.Tensor:
     return loss_sum / max(1, int((batch["labels"][:, 1:] != -100).sum()))
 
 
-def _optimizer_step(model, optimizer, scheduler, scaler, guard: NonFiniteGuard, data, state, config: TrainConfig,
+def _optimizer_step(model, rule: UpdateRule, scheduler, scaler, guard: NonFiniteGuard, data, state, config: TrainConfig,
                     strategy, hooks: HookChain, total_steps: int) -> StepOutcome:
     training = config.training
+    optimizer = rule.optimizer
     fetched = [_next_batch(data, state) for _ in range(training.grad_accum)]
     micro_batches = [strategy.to_device(batch) for batch, _ in fetched]
     tokens = sum(count for _, count in fetched)
     # Normalise by the labelled tokens of the whole accumulated step, so accumulation equals one big batch.
     labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
     labelled = max(1, int(strategy.reduce_sum(labelled)))
+    rule.begin_step(model, state.step)
+    if rule.takes_whole_step:  # LOMO/AdaLomo: update inside backward; MeZO: two forwards, no backward
+        return _whole_step(model, rule, scheduler, guard, micro_batches, labelled, tokens, state, training)
     loss_sum = 0.0
     for batch in micro_batches:
         with autocast(training.precision, batch["input_ids"].device):
@@ -353,14 +386,33 @@ def _optimizer_step(model, optimizer, scheduler, scaler, guard: NonFiniteGuard, 
         scaler.step(optimizer) if scaler is not None else optimizer.step()
     if scaler is not None:
         scaler.update()  # halves the scale after an overflow, grows it after a run of good steps
-    with warnings.catch_warnings():
-        # A skipped step still advances the schedule, so the planned learning rates keep their steps.
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-        scheduler.step()
+    _advance_schedule(scheduler)
     optimizer.zero_grad(set_to_none=True)
     if outcome.applied:
         hooks.after_optimizer_step(model, state.step, total_steps)
     return outcome
+
+
+def _whole_step(model, rule: UpdateRule, scheduler, guard: NonFiniteGuard, micro_batches, labelled: int, tokens: int,
+                state, training) -> StepOutcome:
+    """A step the update rule takes itself, from the same per-token loss the loop would use."""
+    def loss_fn(batch):
+        with autocast(training.precision, batch["input_ids"].device):
+            batch_loss, _ = token_loss_sum(model, batch, training.loss_chunk_size)
+        return batch_loss / labelled
+
+    result = rule.whole_step(model, micro_batches, loss_fn, training.max_grad_norm, state.step)
+    outcome = StepOutcome(result.loss, result.grad_norm, tokens)
+    outcome.applied = guard.allows(result.loss, result.grad_norm, state.step + 1) and result.applied
+    _advance_schedule(scheduler)
+    return outcome
+
+
+def _advance_schedule(scheduler) -> None:
+    with warnings.catch_warnings():
+        # A skipped step still advances the schedule, so the planned learning rates keep their steps.
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
 
 
 def _clip_and_measure(optimizer, max_grad_norm: float | None) -> float:

@@ -1,4 +1,5 @@
-"""AdamW over the trainable adapter parameters, and warmup + cosine/linear/constant schedules."""
+"""AdamW over the trainable adapter parameters (or, in a full finetune, the model's trainable weights),
+and warmup + cosine/linear/constant schedules."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from tuneforge.config.schema import TrainingConfig
 from tuneforge.errors import ConfigError
 
 
-def build_optimizer(model: nn.Module, training: TrainingConfig) -> torch.optim.Optimizer:
-    groups = loraplus_param_groups(model, training.lr, weight_decay=training.weight_decay,
-                                   loraplus_ratio=training.loraplus_ratio)
+def build_optimizer(model: nn.Module, training: TrainingConfig, *, full_finetune: bool = False) -> torch.optim.Optimizer:
+    if full_finetune:
+        groups = full_param_groups(model, training)
+    else:
+        groups = loraplus_param_groups(model, training.lr, weight_decay=training.weight_decay,
+                                       loraplus_ratio=training.loraplus_ratio)
     if not groups:
         raise ConfigError("the model has no trainable parameters: check adapter.target_modules")
     for group in groups:
@@ -29,6 +33,14 @@ def build_optimizer(model: nn.Module, training: TrainingConfig) -> torch.optim.O
         optimizer = torch.optim.AdamW(groups, lr=training.lr, betas=(0.9, 0.999), fused=fused or None)
     scale_optimizer_steps(optimizer, model)  # per-row learning rates of methods such as ALLoRA
     return optimizer
+
+
+def full_param_groups(model: nn.Module, training: TrainingConfig) -> list[dict]:
+    """One group of the model's trainable weights (each once: a tied embedding/head is one tensor)."""
+    from tuneforge.train.update_rules.base import trainable_params
+
+    params = trainable_params(model)
+    return [{"params": params, "lr": training.lr, "weight_decay": training.weight_decay}] if params else []
 
 
 def warmup_steps(training: TrainingConfig, total_steps: int) -> int:

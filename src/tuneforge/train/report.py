@@ -45,7 +45,7 @@ def print_summary(summary: RunSummary, console: Console | None = None) -> None:
         ("best eval loss", _fmt(summary.best_eval_loss)),
         *([("skipped steps", f"{summary.nonfinite_steps} (non-finite loss or gradient norm)")] if summary.nonfinite_steps else []),
         ("trainable params", f"{summary.trainable_params:,} of {summary.total_params:,}"),
-        ("adapter", str(summary.adapter_dir)),
+        ("model" if summary.adapter_dir.name == "model" else "adapter", str(summary.adapter_dir)),  # full FT: model/
         ("loss curve", str(summary.run_dir / "loss_curve.png")),
     ]
     for key, value in rows:

@@ -30,7 +30,7 @@ REPLACED_PREFIX = ".replaced-"
 # Keys that change what a checkpoint's data position, optimizer state or adapter weights mean:
 # resuming across a change to any of them would silently train a different run.
 RESUME_SENSITIVE_KEYS = ("model", "adapter", "data", "quantization", "training.batch_size", "training.grad_accum",
-                         "training.max_steps", "training.epochs", "training.seed")
+                         "training.max_steps", "training.epochs", "training.seed", "update_rule")
 
 
 def check_run_dir(config: TrainConfig, resume: bool, overwrite: bool = False, resume_anyway: bool = False) -> Path:

@@ -1,0 +1,258 @@
+"""Full-parameter finetuning side by side: peak memory, optimizer state and step time per update rule.
+
+Every method trains the same model on the same data (the bundled arithmetic task) for the same steps,
+each in its own child process, so that each peak RSS (VmHWM, which includes loading the model) is its
+own. Beside them run full AdamW fp32 (the baseline every ratio is taken against), one inference
+forward pass (MeZO's yardstick), transformers' Trainer full finetuning with AdamW (the peer), and,
+when galore-torch is installed, the Trainer's layer-wise GaLore (what LLaMA-Factory runs for
+`use_galore: true, galore_layerwise: true`).
+
+    python bench/full_finetune_memory.py --models tiny --steps 3            # smoke test, seconds
+    python bench/full_finetune_memory.py --models smollm2-135m --steps 8    # the documented table
+    python bench/full_finetune_memory.py --models llama-0.5b-random --methods adamw,galore-layerwise,lomo
+
+Columns: peak RSS (MiB) and its ratio to full AdamW; optimizer-state bytes (tensors held in the
+optimizer state at the last checkpoint, i.e. what resuming needs); mean step time over steps 2..N;
+the last training loss. Accuracy on the demo task is not measured here (it needs far more steps
+than a memory measurement; see docs/full_finetuning.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RANDOM_CONFIGS = {
+    "llama-0.5b-random": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              num_key_value_heads=8, vocab_size=49152, max_position_embeddings=2048,
+                              tie_word_embeddings=True),
+    "llama-1.1b-random": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048,
+                              tie_word_embeddings=False),
+}
+
+# method -> (adapter.method full options, update_rule, training overrides)
+METHODS = {
+    "adamw": ({}, {"method": "optimizer"}, {}),
+    "adamw8bit": ({}, {"method": "optimizer"}, {"optimizer": "adamw8bit"}),
+    "galore": ({}, {"method": "galore", "rank": 128}, {}),
+    "galore-layerwise": ({}, {"method": "galore", "rank": 128, "per_layer": True}, {"max_grad_norm": None}),
+    "apollo": ({}, {"method": "apollo", "rank": 128}, {}),
+    "apollo-mini": ({}, {"method": "apollo-mini"}, {}),
+    "badam": ({}, {"method": "badam", "switch_every": 50}, {}),
+    "lisa": ({}, {"method": "lisa", "active_layers": 2, "switch_every": 50}, {}),
+    "lomo": ({}, {"method": "lomo"}, {}),
+    "adalomo": ({}, {"method": "adalomo"}, {}),
+    "mezo": ({}, {"method": "mezo"}, {}),
+}
+PEERS = ("inference", "peer-trainer-adamw", "peer-trainer-galore-layerwise")
+
+
+def build_model(name: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tuneforge.models import load_model, load_tokenizer
+
+    if name == "tiny":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from tiny_models import tiny_chat_model_and_tokenizer
+
+        return tiny_chat_model_and_tokenizer()
+    if name in RANDOM_CONFIGS:
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(**RANDOM_CONFIGS[name])), load_tokenizer("smollm2-135m")
+    loaded = load_model(name, dtype="float32")
+    return loaded.model, loaded.tokenizer
+
+
+def peak_rss_mib() -> float:
+    """VmHWM: the process's peak resident set, in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_tuneforge(method: str, args) -> dict:
+    import torch
+
+    from tuneforge.config import parse_train_config
+    from tuneforge.train import train
+    from tuneforge.train.checkpoint import latest_checkpoint, read_trainer_state
+
+    adapter, rule, overrides = METHODS[method]
+    model, tokenizer = build_model(args.model)
+    run_dir = Path(args.workdir) / f"{args.model}-{method}"
+    config = parse_train_config({
+        "output_dir": str(run_dir), "device": args.device,
+        "adapter": {"method": "full", **adapter}, "update_rule": rule,
+        "data": {"train": "arithmetic", "options": {"size": args.steps * args.batch_size * 2},
+                 "max_seq_len": args.max_seq_len, "eval_size": 0},
+        "training": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": 0,
+                     "scheduler": "constant", "log_every": 1, "precision": args.precision,
+                     "save_every": max(1, args.steps - 1), **overrides},
+    })
+    stamps, losses = [], []
+    start = time.perf_counter()
+    train(config, overwrite=True, model_and_tokenizer=(model, tokenizer),
+          on_step=lambda step, loss: (stamps.append(time.perf_counter()), losses.append(loss)))
+    saved = read_trainer_state(latest_checkpoint(run_dir))
+    state_bytes = sum(t.numel() * t.element_size() for s in saved["optimizer"]["state"].values()
+                      for t in s.values() if torch.is_tensor(t))
+    return {"peak_rss_mib": peak_rss_mib(), "optimizer_state_bytes": state_bytes,
+            "step_seconds": _mean_step(stamps, start), "final_loss": losses[-1]}
+
+
+def run_inference(args) -> dict:
+    import torch
+
+    from tuneforge.data import get_dataset, tokenize_examples
+
+    model, tokenizer = build_model(args.model)
+    tokenized = tokenize_examples(get_dataset("arithmetic", split="train", size=args.batch_size), tokenizer,
+                                  max_seq_len=args.max_seq_len)
+    length = max(len(t.input_ids) for t in tokenized)
+    ids = torch.tensor([t.input_ids + [tokenizer.pad_token_id] * (length - len(t.input_ids)) for t in tokenized])
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=ids)
+    return {"peak_rss_mib": peak_rss_mib(), "optimizer_state_bytes": 0,
+            "step_seconds": time.perf_counter() - start, "final_loss": None}
+
+
+def run_peer(args, galore: bool) -> dict:
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from tuneforge.data import get_dataset, tokenize_examples
+
+    model, tokenizer = build_model(args.model)
+    tokenized = tokenize_examples(get_dataset("arithmetic", split="train", size=args.steps * args.batch_size * 2),
+                                  tokenizer, max_seq_len=args.max_seq_len)
+    records = [{"input_ids": t.input_ids, "labels": t.labels, "attention_mask": [1] * len(t)} for t in tokenized]
+    stamps, losses = [], []
+    start = time.perf_counter()
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    extra = dict(optim="galore_adamw_layerwise", optim_target_modules=[r".*self_attn.*", r".*mlp.*"],
+                 optim_args="rank=128, update_proj_gap=200, scale=0.25") if galore else dict(optim="adamw_torch")
+    training_args = TrainingArguments(
+        output_dir=str(Path(args.workdir) / f"{args.model}-peer"), per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
+        max_grad_norm=0.0 if galore else 1.0, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
+        use_cpu=args.device == "cpu", bf16=args.precision == "bf16", dataloader_num_workers=0, seed=0, **extra)
+    trainer = Trainer(model=model, args=training_args, train_dataset=records, callbacks=[StepTimer()],
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    trainer.train()
+    optimizer = trainer.optimizer
+    states = getattr(optimizer, "state", {}) if optimizer is not None else {}
+    state_bytes = sum(t.numel() * t.element_size() for s in states.values() for t in s.values() if torch.is_tensor(t))
+    return {"peak_rss_mib": peak_rss_mib(), "optimizer_state_bytes": state_bytes,
+            "step_seconds": _mean_step(stamps, start), "final_loss": losses[-1] if losses else None}
+
+
+def _mean_step(stamps: list[float], start: float) -> float:
+    """Mean seconds per step over steps 2..N (step 1 holds allocator warm-up); step 1 alone if N = 1."""
+    if len(stamps) < 2:
+        return stamps[0] - start if stamps else float("nan")
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def child_main(args) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    if args.child == "inference":
+        result = run_inference(args)
+    elif args.child.startswith("peer-"):
+        result = run_peer(args, galore=args.child.endswith("galore-layerwise"))
+    else:
+        result = run_tuneforge(args.child, args)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(method: str, model: str, args) -> dict | None:
+    command = [sys.executable, __file__, "--child", method, "--models", model, "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len), "--lr", str(args.lr),
+               "--device", args.device, "--precision", args.precision, "--workdir", args.workdir]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        print(f"{method} on {model} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def available_peers() -> list[str]:
+    import importlib.util
+
+    peers = ["inference", "peer-trainer-adamw"]
+    if importlib.util.find_spec("galore_torch") is not None:
+        peers.append("peer-trainer-galore-layerwise")
+    return peers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="smollm2-135m")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"tuneforge methods, from {', '.join(METHODS)}")
+    parser.add_argument("--no-peers", action="store_true", help="skip inference and the transformers Trainer runs")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--workdir", default="/tmp/tuneforge-full-ft-bench")
+    parser.add_argument("--child", choices=[*METHODS, *PEERS])
+    parser.add_argument("--output", help="also write the results as JSON here")
+    args = parser.parse_args()
+    if args.child:
+        args.model = args.models
+        child_main(args)
+        return
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    if "adamw" not in methods:
+        methods.insert(0, "adamw")  # the baseline of every ratio
+    rows = []
+    for model in args.models.split(","):
+        for method in methods + ([] if args.no_peers else available_peers()):
+            result = run_child(method, model, args)
+            if result is not None:
+                rows.append({"model": model, "method": method, **result})
+    print_table(rows)
+    if args.output:
+        Path(args.output).write_text(json.dumps(rows, indent=2))
+
+
+def print_table(rows: list[dict]) -> None:
+    baseline = {r["model"]: r["peak_rss_mib"] for r in rows if r["method"] == "adamw"}
+    print("\n| model | method | peak RSS MiB | vs full AdamW | optimizer state MiB | s/step | last loss |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["peak_rss_mib"] / baseline[r["model"]] if r["model"] in baseline else float("nan")
+        loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
+        print(f"| {r['model']} | {r['method']} | {r['peak_rss_mib']:.0f} | {ratio:.2f}x | "
+              f"{r['optimizer_state_bytes'] / 2**20:.1f} | {r['step_seconds']:.3f} | {loss} |")
+
+
+if __name__ == "__main__":
+    main()
