@@ -28,7 +28,7 @@ from tuneforge.adapters.peft_format import save_adapter
 from tuneforge.config.schema import TrainConfig
 from tuneforge.errors import ConfigError
 from tuneforge.eval.generation import gold_answer, require_gold_answers, score_generation
-from tuneforge.eval.loss import autocast, evaluate_loss
+from tuneforge.eval.loss import autocast
 from tuneforge.losses import token_loss_sum
 from tuneforge.train.checkpoint import (
     CheckpointError,
@@ -44,6 +44,8 @@ from tuneforge.train.compile import compile_decoder_layers, eager_only
 from tuneforge.train.data_setup import PreparedData, eval_source, prepare_data
 from tuneforge.train.metrics import MetricsLog, plot_loss_curve
 from tuneforge.train.nonfinite import NonFiniteGuard, StepOutcome, require_finite_adapter
+from tuneforge.train.objectives import Objective, build_objective
+from tuneforge.train.objectives.reference import start_from_init_adapter
 from tuneforge.train.optim import build_optimizer, build_scheduler
 from tuneforge.train.progress import TrainProgress
 from tuneforge.train.report import RunSummary, save_summary
@@ -75,7 +77,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         _quantize_base(model, config, device)  # a model we did not load: quantize it in place
     torch.manual_seed(config.training.seed)  # adapter init must not depend on what loading consumed
     add_adapter(model, config.adapter, ADAPTER_NAME, **_attach_options(config, tokenizer))
+    start_from_init_adapter(model, config.training, ADAPTER_NAME)
     model.to(device)
+    objective = build_objective(config, tokenizer, ADAPTER_NAME)
     hooks = training_hooks(model, ADAPTER_NAME)
     if hooks.needs_data():
         hooks.prepare(model, _init_batches(data, strategy, config.training.init_batches),
@@ -122,13 +126,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     model.train()
     try:
         if state.step == 0:  # the starting point of the eval curve
-            _evaluate_and_check_stop(model, tokenizer, data, config, state, log, progress, strategy)
+            _evaluate_and_check_stop(model, tokenizer, data, config, state, log, progress, strategy, objective)
         with progress:
             while state.step < total_steps:
                 step_start = time.perf_counter()
                 position = (state.epoch, state.batch_index)
                 outcome = _optimizer_step(model, optimizer, scheduler, scaler, guard, data, state, config, strategy,
-                                          hooks, total_steps)
+                                          hooks, total_steps, objective)
                 step_seconds += time.perf_counter() - step_start
                 state.step += 1
                 position = (state.epoch, state.batch_index)
@@ -142,7 +146,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 if on_step is not None:
                     on_step(state.step, outcome.loss)
                 if _due(config.training.eval_every, state.step) or state.step == total_steps:
-                    if _evaluate_and_check_stop(model, tokenizer, data, config, state, log, progress, strategy):
+                    if _evaluate_and_check_stop(model, tokenizer, data, config, state, log, progress, strategy, objective):
                         progress.note(f"early stopping at step {state.step}: no better eval loss in "
                                       f"{config.training.early_stopping_patience} evaluations")
                         break
@@ -185,7 +189,8 @@ def _report_step(outcome: StepOutcome, state: TrainState, lr: float, rate: float
         return
     log.log({"step": state.step, "train_loss": _finite_or_none(outcome.loss), "grad_norm": _finite_or_none(outcome.grad_norm),
              "lr": lr, "tokens_per_second": rate, "tokens_seen": state.tokens_seen, "elapsed_seconds": elapsed,
-             "epoch": state.epoch, "nonfinite_steps": guard.skipped, **({} if outcome.applied else {"skipped": True})})
+             "epoch": state.epoch, "nonfinite_steps": guard.skipped, **getattr(outcome, "metrics", {}),
+             **({} if outcome.applied else {"skipped": True})})
 
 
 def _save_final_adapter(model: nn.Module, run_dir: Path, config: TrainConfig) -> Path:
@@ -313,18 +318,22 @@ def _mean_token_loss(model, batch, training) -> torch.Tensor:
 
 
 def _optimizer_step(model, optimizer, scheduler, scaler, guard: NonFiniteGuard, data, state, config: TrainConfig,
-                    strategy, hooks: HookChain, total_steps: int) -> StepOutcome:
+                    strategy, hooks: HookChain, total_steps: int, objective: Objective) -> StepOutcome:
     training = config.training
     fetched = [_next_batch(data, state) for _ in range(training.grad_accum)]
     micro_batches = [strategy.to_device(batch) for batch, _ in fetched]
     tokens = sum(count for _, count in fetched)
-    # Normalise by the labelled tokens of the whole accumulated step, so accumulation equals one big batch.
-    labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    # Normalise by the units (SFT: labelled tokens; DPO: pairs) of the whole accumulated step, so
+    # accumulation equals one big batch.
+    labelled = sum(objective.units(b) for b in micro_batches)
     labelled = max(1, int(strategy.reduce_sum(labelled)))
     loss_sum = 0.0
+    metric_sums: dict[str, float] = {}
     for batch in micro_batches:
         with autocast(training.precision, batch["input_ids"].device):
-            batch_loss, _ = token_loss_sum(model, batch, training.loss_chunk_size)
+            batch_loss, metrics = objective.loss_sum(model, batch)
+        for key, value in metrics.items():
+            metric_sums[key] = metric_sums.get(key, 0.0) + value
         loss = batch_loss / labelled
         extra = hooks.extra_loss(model)
         if extra is not None:
@@ -335,6 +344,7 @@ def _optimizer_step(model, optimizer, scheduler, scaler, guard: NonFiniteGuard, 
         scaler.unscale_(optimizer)  # clip and measure the true gradients
     grad_norm = _clip_and_measure(optimizer, training.max_grad_norm)
     outcome = StepOutcome(loss_sum / labelled, grad_norm, tokens)
+    outcome.metrics = {key: value / labelled for key, value in metric_sums.items()}
     outcome.applied = guard.allows(outcome.loss, grad_norm, state.step + 1, scaler.get_scale() if scaler else None)
     if outcome.applied:
         hooks.before_optimizer_step(model, state.step, total_steps)
@@ -362,15 +372,16 @@ def _clip_and_measure(optimizer, max_grad_norm: float | None) -> float:
 
 
 def _evaluate_and_check_stop(model, tokenizer, data: PreparedData, config: TrainConfig, state: TrainState,
-                             log: MetricsLog, progress, strategy) -> bool:
+                             log: MetricsLog, progress, strategy, objective: Objective) -> bool:
     if not data.eval_batches:
         return False
     with eager_only():
-        eval_loss = evaluate_loss(model, data.eval_batches, config.training.precision,
-                                  config.training.loss_chunk_size, strategy.device)
+        eval_loss, eval_metrics = objective.evaluate(model, data.eval_batches, strategy.device)
         accuracy = _eval_exact_match(model, tokenizer, data, config, strategy.device)
-    record = {"step": state.step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))}
+    record = {"step": state.step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50)), **eval_metrics}
     line = f"step {state.step}: eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})"
+    if "eval_preference_accuracy" in eval_metrics:
+        line += f", preference accuracy {eval_metrics['eval_preference_accuracy']:.1%}"
     if accuracy is not None:
         record.update(eval_exact_match=accuracy.exact_match, eval_contains=accuracy.contains, eval_generated=accuracy.n)
         line += f", exact match {accuracy.exact_match:.1%} of {accuracy.n}"
