@@ -28,7 +28,7 @@ from tuneforge.data.formats import RecordError, _preview
 from tuneforge.data.loading import _apply_bad_record_policy
 from tuneforge.data.records import ROLES, Example, Message, Origin
 from tuneforge.data.sources import data_files, read_records
-from tuneforge.data.tokenization import TokenizedExample, tokenize_examples
+from tuneforge.data.tokenization import IGNORE_INDEX, TokenizedExample, tokenize_examples
 from tuneforge.errors import DataError
 
 
@@ -259,8 +259,22 @@ class PreferencePlan:
             batch = collate_padded([p.chosen for p in chosen] + [p.rejected for p in chosen], self.pad_id)
             ids = [2 * u for u in units] + [2 * u + 1 for u in units]
         else:
-            batch = collate_padded([example for example, _ in chosen], self.pad_id)
+            examples = [example for example, _ in chosen]
+            batch = collate_padded(examples, self.pad_id)
             batch["kto_labels"] = torch.tensor([int(label) for _, label in chosen])
+            mismatched = collate_padded([_splice(examples[i], examples[i - 1]) for i in range(len(examples))], self.pad_id)
+            batch.update({f"kl_{key}": value for key, value in mismatched.items()})
             ids = list(units)
         batch["example_ids"] = torch.tensor(ids) + self.id_offset
         return batch
+
+
+def _splice(prompt_from: TokenizedExample, completion_from: TokenizedExample) -> TokenizedExample:
+    """One prompt with another example's completion: KTO's mismatched pair (x, y') for its KL estimate."""
+    cut_prompt, cut_completion = _prompt_length(prompt_from), _prompt_length(completion_from)
+    return TokenizedExample(prompt_from.input_ids[:cut_prompt] + completion_from.input_ids[cut_completion:],
+                            [IGNORE_INDEX] * cut_prompt + completion_from.labels[cut_completion:])
+
+
+def _prompt_length(example: TokenizedExample) -> int:
+    return next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)

@@ -121,7 +121,11 @@ class KtoObjective:
         policy = self._logprobs(model, batch)
         reference = self.reference.logprobs(model, batch, self._logprobs)
         desirable = batch["kto_labels"].bool()
-        z0 = kl_reference_point(policy, reference)
+        mismatched = {key[3:]: value for key, value in batch.items() if key.startswith("kl_")}
+        with torch.no_grad():  # z_0 is a reference point: no gradient flows through it
+            mismatched_policy = self._logprobs(model, mismatched)
+            mismatched_reference = self.reference.uncached_logprobs(model, mismatched, self._logprobs)
+        z0 = kl_reference_point(mismatched_policy, mismatched_reference)
         losses = kto_loss(policy, reference, desirable, z0, self.beta,
                           self.training.kto_desirable_weight, self.training.kto_undesirable_weight)
         rewards = self.beta * (policy - reference).detach()

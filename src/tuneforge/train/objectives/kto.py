@@ -6,9 +6,9 @@
               lambda_U sigma(beta (z_0 - r))   if y is undesirable
     L_KTO   = E[ lambda_y - v(x, y) ]
 
-The paper estimates z_0 from completions paired with other prompts of the batch; here it is the
-batch's mean log-ratio r, clamped at 0 and detached (a KL is never negative): the same quantity
-measured on the batch's own completions, which needs no extra forward passes.
+z_0 is estimated as in the paper (§4) and TRL: each prompt of the batch is paired with another
+example's completion (the batch cycled by one), and the mean log-ratio of those mismatched pairs,
+clamped at 0 (a KL is never negative), is the reference point; it carries no gradient.
 """
 
 from __future__ import annotations
@@ -27,6 +27,6 @@ def kto_loss(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Ten
     return weight - value
 
 
-def kl_reference_point(policy: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """z_0: the batch's mean log-ratio, detached and clamped at 0."""
-    return (policy - reference).detach().mean().clamp(min=0)
+def kl_reference_point(mismatched_policy: torch.Tensor, mismatched_reference: torch.Tensor) -> torch.Tensor:
+    """z_0 from the summed log-probs (B,) of the mismatched (x, y') pairs: mean log-ratio, detached, >= 0."""
+    return (mismatched_policy - mismatched_reference).detach().mean().clamp(min=0)

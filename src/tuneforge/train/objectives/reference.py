@@ -42,6 +42,11 @@ class Reference:
             self._cache.update((i, v.cpu()) for i, v in zip(ids, values))
         return values
 
+    def uncached_logprobs(self, model: nn.Module, batch: dict[str, torch.Tensor], logprob_fn: LogprobFn) -> torch.Tensor:
+        """For rows that change from batch to batch (KTO's mismatched pairs): never cached."""
+        with torch.no_grad(), self._weights(model):
+            return logprob_fn(model, batch).detach()
+
     def _weights(self, model: nn.Module):
         if self.kind == "init_adapter":
             return _switched_adapter(model, REFERENCE_ADAPTER, self.policy_adapter)
