@@ -133,3 +133,23 @@ def test_dpo_from_an_sft_adapter_starts_at_zero_margin_against_its_frozen_copy(t
     assert records[0]["eval_reward_margin"] == pytest.approx(0.0, abs=1e-6)  # policy == its frozen starting copy
     assert records[0]["eval_loss"] == pytest.approx(0.6931, abs=1e-4)
     assert records[-1]["eval_reward_margin"] > 0.0
+
+
+@pytest.mark.parametrize("name", ["dpo_arithmetic.yaml", "grpo_arithmetic.yaml"])
+def test_example_configs_are_valid(name):
+    import pathlib
+
+    import yaml
+
+    path = pathlib.Path(__file__).parents[2] / "examples" / name
+    config = parse_train_config(yaml.safe_load(path.read_text()), str(path))
+    assert config.training.objective in ("dpo", "grpo")
+
+
+def test_train_help_documents_the_objective_keys():
+    from tuneforge.config.schema import describe_keys
+
+    text = describe_keys()
+    for key in ("training.objective", "training.beta", "training.reference", "training.init_adapter",
+                "training.cache_reference", "training.grpo_group_size", "training.grpo_reward"):
+        assert key in text
