@@ -153,3 +153,24 @@ def test_train_help_documents_the_objective_keys():
     for key in ("training.objective", "training.beta", "training.reference", "training.init_adapter",
                 "training.cache_reference", "training.grpo_group_size", "training.grpo_reward"):
         assert key in text
+
+
+def test_pairs_holding_their_prompt_once_give_the_log_probs_of_separate_sequences():
+    from tuneforge.data.preference import PreferencePair, PreferencePlan, tokenize_records
+    from tuneforge.data.records import Message
+    from tuneforge.train.objectives.logprobs import pair_logprobs
+
+    model, tokenizer = tiny_chat_model_and_tokenizer()
+    pairs = [PreferencePair((Message("user", f"Tom has {i} apples. How many apples does Tom have now?"),),
+                            (Message("assistant", str(i)),), (Message("assistant", f"{i + 2} apples, I am fine"),))
+             for i in range(3)]
+    items, _ = tokenize_records(pairs, tokenizer, "auto", 96, "error", "pairs")
+    separate = PreferencePlan(items, 3, 0, 0, shuffle=False).collate([0, 1, 2])
+    shared = PreferencePlan(items, 3, 0, 0, shuffle=False, share_prompt=True).collate([0, 1, 2])
+    assert shared["input_ids"].shape[0] == 3 and separate["input_ids"].shape[0] == 6
+    assert shared["input_ids"].numel() < separate["input_ids"].numel()  # the prompt is computed once
+    with torch.no_grad():
+        expected_sums, expected_counts = pair_logprobs(model, separate)
+        sums, counts = pair_logprobs(model, shared, chunk_size=5)
+    assert counts.tolist() == expected_counts.tolist()
+    assert torch.allclose(sums, expected_sums, atol=1e-5)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from tuneforge.data.batching import EpochBatches
-from tuneforge.data.collate import collate_padded
+from tuneforge.data.collate import PADDING_SEGMENT, SHARED_SEGMENT, block_causal_mask, collate_padded
 from tuneforge.data.datasets import dataset_names, get_dataset
 from tuneforge.data.formats import RecordError, _preview
 from tuneforge.data.loading import _apply_bad_record_policy
@@ -234,7 +234,10 @@ class PreferencePlan:
     A pair batch holds rows [chosen_1..chosen_P, rejected_1..rejected_P]; ``example_ids`` names each
     row (2i for chosen, 2i + 1 for rejected, offset by ``id_offset``) for the reference cache."""
 
-    def __init__(self, items: Sequence, batch_size: int, seed: int, pad_id: int, shuffle: bool = True, id_offset: int = 0):
+    def __init__(self, items: Sequence, batch_size: int, seed: int, pad_id: int, shuffle: bool = True, id_offset: int = 0,
+                 share_prompt: bool = False, mask_dtype: torch.dtype = torch.float32):
+        self.share_prompt = share_prompt
+        self.mask_dtype = mask_dtype
         self.items = list(items)
         self.batch_size = batch_size
         self.seed = seed
@@ -255,7 +258,10 @@ class PreferencePlan:
 
     def collate(self, units: list[int]) -> dict[str, torch.Tensor]:
         chosen = [self.items[u] for u in units]
-        if isinstance(chosen[0], TokenizedPair):
+        if isinstance(chosen[0], TokenizedPair) and self.share_prompt:
+            batch = collate_pairs_sharing_prompt(chosen, self.pad_id, self.mask_dtype)
+            ids = [2 * u for u in units] + [2 * u + 1 for u in units]
+        elif isinstance(chosen[0], TokenizedPair):
             batch = collate_padded([p.chosen for p in chosen] + [p.rejected for p in chosen], self.pad_id)
             ids = [2 * u for u in units] + [2 * u + 1 for u in units]
         else:
@@ -278,3 +284,46 @@ def _splice(prompt_from: TokenizedExample, completion_from: TokenizedExample) ->
 
 def _prompt_length(example: TokenizedExample) -> int:
     return next(i for i, label in enumerate(example.labels) if label != IGNORE_INDEX)
+
+
+def shared_prompt_length(pair: TokenizedPair) -> int:
+    """Tokens chosen and rejected both open with that can be held once. The last prompt token stays
+    in each copy: it predicts the answer's first token, a different label in each."""
+    chosen, rejected = pair.chosen, pair.rejected
+    common = 0
+    while common < min(len(chosen), len(rejected)) and chosen.input_ids[common] == rejected.input_ids[common]:
+        common += 1
+    return max(0, min(common, _prompt_length(chosen) - 1, _prompt_length(rejected) - 1))
+
+
+def collate_pairs_sharing_prompt(pairs: Sequence[TokenizedPair], pad_id: int, mask_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One row per pair: [shared prompt | chosen's rest | rejected's rest], each answer attending to
+    the prompt and to itself only (collate.py's block mask), positions as if each were alone.
+
+    ``label_segments`` (B, T) says whose label a position carries: 0 chosen, 1 rejected, -1 none."""
+    layouts = [(pair, shared_prompt_length(pair)) for pair in pairs]
+    length = max(k + (len(p.chosen) - k) + (len(p.rejected) - k) for p, k in layouts)
+    shape = (len(pairs), length)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    position_ids = torch.zeros(shape, dtype=torch.long)  # (B, T)
+    segment_ids = torch.full(shape, PADDING_SEGMENT, dtype=torch.long)  # (B, T)
+    label_segments = torch.full(shape, -1, dtype=torch.long)  # (B, T)
+    for row, (pair, k) in enumerate(layouts):
+        input_ids[row, :k] = torch.tensor(pair.chosen.input_ids[:k], dtype=torch.long)
+        position_ids[row, :k] = torch.arange(k)
+        segment_ids[row, :k] = SHARED_SEGMENT
+        start = k
+        for segment, side in enumerate((pair.chosen, pair.rejected)):
+            end = start + len(side) - k
+            input_ids[row, start:end] = torch.tensor(side.input_ids[k:], dtype=torch.long)
+            side_labels = torch.tensor(side.labels[k:], dtype=torch.long)
+            side_labels[0] = IGNORE_INDEX  # never predicted from the other segment (it is unlabelled anyway)
+            labels[row, start:end] = side_labels
+            label_segments[row, start:end] = torch.where(side_labels != IGNORE_INDEX, segment, -1)
+            position_ids[row, start:end] = torch.arange(k, len(side))
+            segment_ids[row, start:end] = segment
+            start = end
+        position_ids[row, start:] = torch.arange(length - start)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "attention_mask": block_causal_mask(segment_ids, mask_dtype), "label_segments": label_segments}

@@ -50,7 +50,7 @@ def prepare_data(config: TrainConfig, tokenizer, mask_dtype: torch.dtype = torch
     if config.training.objective != "sft":
         from tuneforge.train.objectives.data import prepare_objective_data
 
-        return prepare_objective_data(config, tokenizer)
+        return prepare_objective_data(config, tokenizer, mask_dtype)
     data = config.data
     train_examples, skipped = load_split(config, data.train, "train")
     tokenize = dict(template=data.template, max_seq_len=data.max_seq_len, train_on=data.train_on)

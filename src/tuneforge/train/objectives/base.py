@@ -13,7 +13,7 @@ from tuneforge.losses import IGNORE_INDEX, token_loss_sum
 from tuneforge.train.objectives.dpo import dpo_loss
 from tuneforge.train.objectives.ipo import ipo_loss
 from tuneforge.train.objectives.kto import kl_reference_point, kto_loss
-from tuneforge.train.objectives.logprobs import sequence_logprobs
+from tuneforge.train.objectives.logprobs import pair_logprobs, sequence_logprobs
 from tuneforge.train.objectives.orpo import orpo_loss
 from tuneforge.train.objectives.reference import Reference
 from tuneforge.train.objectives.simpo import simpo_loss
@@ -68,14 +68,14 @@ class PairwiseObjective:
         self.reference = reference
 
     def units(self, batch):
-        return int(batch["input_ids"].shape[0]) // 2
+        return int(batch["example_ids"].numel()) // 2  # two ids per pair in either layout
 
     def _logprobs(self, model, batch):
-        return sequence_logprobs(model, batch, self.training.loss_chunk_size)[0]
+        return pair_logprobs(model, batch, self.training.loss_chunk_size)[0]
 
     def pair_losses(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(per-pair losses, chosen rewards, rejected rewards), each (P,)."""
-        logps, tokens = sequence_logprobs(model, batch, self.training.loss_chunk_size)
+        logps, tokens = pair_logprobs(model, batch, self.training.loss_chunk_size)
         chosen, rejected = logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         if self.name in ("dpo", "ipo"):

@@ -50,3 +50,16 @@ def _chunk_logprobs(head: nn.Module, chunk: torch.Tensor, targets: torch.Tensor,
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)  # (n,)
+
+
+def pair_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs (2P,), labelled tokens (2P,)) as [chosen_1..chosen_P, rejected_1..rejected_P],
+    from either pair layout: 2P padded rows, or P rows holding the shared prompt once
+    (``label_segments``, see data/preference.py)."""
+    if "label_segments" not in batch:
+        return sequence_logprobs(model, batch, chunk_size)
+    logprobs, _ = token_logprobs(model, batch, chunk_size)
+    segments = batch["label_segments"][:, 1:]  # (P, T-1), aligned with the predictions
+    sums = [(logprobs * (segments == side)).sum(dim=1) for side in (0, 1)]
+    counts = [(segments == side).sum(dim=1) for side in (0, 1)]
+    return torch.cat(sums), torch.cat(counts)
