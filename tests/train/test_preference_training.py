@@ -174,3 +174,20 @@ def test_pairs_holding_their_prompt_once_give_the_log_probs_of_separate_sequence
         sums, counts = pair_logprobs(model, shared, chunk_size=5)
     assert counts.tolist() == expected_counts.tolist()
     assert torch.allclose(sums, expected_sums, atol=1e-5)
+
+
+def test_an_interrupted_dpo_run_resumes_to_the_same_losses(tmp_path, one_torch_thread):
+    data = preference_file(tmp_path)
+    full = []
+    train(preference_config(tmp_path, "dpo", data, max_steps=4, batch_size=2, save_every=1),
+          model_and_tokenizer=tiny_chat_model_and_tokenizer(), on_step=lambda s, loss: full.append(loss))
+
+    def stop_after_two(step, loss):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    partial = preference_config(tmp_path / "partial", "dpo", data, max_steps=4, batch_size=2, save_every=1)
+    assert train(partial, model_and_tokenizer=tiny_chat_model_and_tokenizer(), on_step=stop_after_two).interrupted
+    resumed = []
+    train(partial, resume=True, model_and_tokenizer=tiny_chat_model_and_tokenizer(), on_step=lambda s, loss: resumed.append(loss))
+    assert resumed == pytest.approx(full[2:], rel=1e-5, abs=1e-6)  # the reference cache is rebuilt, not saved

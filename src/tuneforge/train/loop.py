@@ -378,8 +378,11 @@ def _evaluate_and_check_stop(model, tokenizer, data: PreparedData, config: Train
     with eager_only():
         eval_loss, eval_metrics = objective.evaluate(model, data.eval_batches, strategy.device)
         accuracy = _eval_exact_match(model, tokenizer, data, config, strategy.device)
-    record = {"step": state.step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50)), **eval_metrics}
-    line = f"step {state.step}: eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})"
+    record = {"step": state.step, "eval_loss": eval_loss, **eval_metrics}
+    line = f"step {state.step}: eval loss {eval_loss:.4f}"
+    if objective.name == "sft":  # perplexity means something for a token cross-entropy only
+        record["eval_perplexity"] = math.exp(min(eval_loss, 50))
+        line += f" (perplexity {record['eval_perplexity']:.2f})"
     if "eval_preference_accuracy" in eval_metrics:
         line += f", preference accuracy {eval_metrics['eval_preference_accuracy']:.1%}"
     if accuracy is not None:
