@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import tiny_chat_model_and_tokenizer
 
-import tuneforge.train.loop as loop_module
+import tuneforge.train.objectives.base as objective_module  # the SFT objective computes the loop's loss
 from tuneforge.config import parse_train_config
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.train import train
@@ -69,7 +69,7 @@ def same(a, b):
 
 def poison_losses(monkeypatch, bad_calls):
     """Make the loop's loss NaN on the given 1-based forward calls (one call per micro-batch)."""
-    real = loop_module.token_loss_sum
+    real = objective_module.token_loss_sum
     calls = {"n": 0}
 
     def loss_sum(model, batch, chunk):
@@ -77,7 +77,7 @@ def poison_losses(monkeypatch, bad_calls):
         total, count = real(model, batch, chunk)
         return (total * float("nan"), count) if calls["n"] in bad_calls else (total, count)
 
-    monkeypatch.setattr(loop_module, "token_loss_sum", loss_sum)
+    monkeypatch.setattr(objective_module, "token_loss_sum", loss_sum)
 
 
 def metrics(run_dir):

@@ -120,6 +120,38 @@ class TrainingConfig(Section):
     eval_batch_size: int = Field(16, gt=0, description="rows per evaluation batch")
     eval_generate: int = Field(0, ge=0, description="at each evaluation also generate greedy answers for the first N "
                                "eval examples and record their exact match with the final assistant turn (0: off)")
+    objective: Literal["sft", "dpo", "ipo", "kto", "orpo", "simpo", "grpo"] = Field(
+        "sft", description="what is trained: sft (next-token loss); dpo, ipo, orpo, simpo on {prompt, chosen, rejected} "
+                           "pairs; kto on {prompt, completion, label}; grpo on prompts with checkable answers "
+                           "(see docs/preference.md)")
+    beta: float | None = Field(None, gt=0, allow_inf_nan=False, description="strength of the objective: beta of DPO/KTO/"
+                               "SimPO/GRPO's KL, tau of IPO, lambda of ORPO (default 0.1; SimPO 2.0; GRPO 0.04)")
+    simpo_gamma: float = Field(0.5, ge=0, allow_inf_nan=False, description="SimPO's target reward margin gamma")
+    kto_desirable_weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="KTO's lambda_D (desirable examples)")
+    kto_undesirable_weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="KTO's lambda_U (undesirable examples)")
+    reference: Literal["adapter_off", "init_adapter"] = Field(
+        "adapter_off", description="reference model of dpo/ipo/kto/grpo, never a second copy: adapter_off (the base, "
+                                   "i.e. the policy with its adapter disabled) or init_adapter (a frozen copy of "
+                                   "training.init_adapter)")
+    init_adapter: str | None = Field(None, description="start from this saved adapter (e.g. an SFT run's adapter/ "
+                                     "folder); its config must match the adapter section")
+    cache_reference: bool = Field(True, description="compute each example's reference log-probs once and reuse them")
+    grpo_group_size: int = Field(4, ge=2, description="GRPO: completions sampled per prompt (G)")
+    grpo_max_new_tokens: int = Field(16, gt=0, description="GRPO: tokens generated per completion")
+    grpo_temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="GRPO: sampling temperature")
+    grpo_clip_epsilon: float = Field(0.2, gt=0, lt=1, allow_inf_nan=False, description="GRPO: ratio clip epsilon")
+    grpo_reward: str = Field("exact_match", description="GRPO reward: exact_match (the bundled tasks' checker) or a "
+                             "Python callable as module:function taking (completions, answers) -> list of floats")
+
+    @model_validator(mode="after")
+    def _objective_settings_agree(self) -> "TrainingConfig":
+        if self.reference == "init_adapter" and self.init_adapter is None:
+            raise ValueError("reference='init_adapter' needs training.init_adapter (the saved SFT adapter to start from "
+                             "and to keep frozen as the reference); set it, or use reference='adapter_off'")
+        if self.objective != "sft" and self.eval_generate:
+            raise ValueError(f"eval_generate works with objective='sft' only (objective={self.objective!r} records "
+                             "reward metrics instead); set training.eval_generate=0")
+        return self
 
 
 class TrainConfig(Section):

@@ -50,6 +50,10 @@ def _edits_the_sequence(method: str) -> bool:
 def prepare_data(config: TrainConfig, tokenizer, mask_dtype: torch.dtype = torch.float32,
                  select: Callable[[list[Example]], list[Example]] | None = None) -> PreparedData:
     """``select`` (data.select) picks the training examples to keep, before tokenization."""
+    if config.training.objective != "sft":
+        from tuneforge.train.objectives.data import prepare_objective_data
+
+        return prepare_objective_data(config, tokenizer, mask_dtype)
     data = config.data
     train_examples, skipped = load_split(config, data.train, "train")
     if select is not None:

@@ -29,7 +29,7 @@ from tuneforge.adapters.peft_format import save_adapter
 from tuneforge.config.schema import TrainConfig
 from tuneforge.errors import ConfigError
 from tuneforge.eval.generation import gold_answer, require_gold_answers, score_generation
-from tuneforge.eval.loss import autocast, evaluate_loss
+from tuneforge.eval.loss import autocast
 from tuneforge.select.training import plan_training_selection
 from tuneforge.losses import token_loss_sum
 from tuneforge.train.checkpoint import (
@@ -47,6 +47,8 @@ from tuneforge.train.data_setup import PreparedData, eval_source, prepare_data
 from tuneforge.train.full import FullWeights, is_full_finetune, save_full_model
 from tuneforge.train.metrics import MetricsLog, plot_loss_curve
 from tuneforge.train.nonfinite import NonFiniteGuard, StepOutcome, require_finite_adapter
+from tuneforge.train.objectives import Objective, build_objective
+from tuneforge.train.objectives.reference import start_from_init_adapter
 from tuneforge.train.optim import build_scheduler
 from tuneforge.train.progress import TrainProgress
 from tuneforge.train.report import RunSummary, save_summary
@@ -74,6 +76,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     config = config.model_copy(deep=True)
     run_dir = check_run_dir(config, resume, overwrite, resume_anyway)
     check_eval_generate(config)
+    check_objective_combinations(config)
     torch.manual_seed(config.training.seed)
     device = resolve_device(config.device)
     strategy = pick_strategy(device)
@@ -89,7 +92,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     full_weights = FullWeights(model, config.adapter) if full else None  # the model's own weights train
     if not full:
         add_adapter(model, config.adapter, ADAPTER_NAME, **_attach_options(config, tokenizer))
+        start_from_init_adapter(model, config.training, ADAPTER_NAME)
     model.to(device)
+    objective = build_objective(config, tokenizer, ADAPTER_NAME)
     if prepare_adapter is not None:
         prepare_adapter(model)
     hooks = HookChain([]) if full else training_hooks(model, ADAPTER_NAME)
@@ -144,13 +149,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     model.train()
     try:
         if state.step == 0:  # the starting point of the eval curve
-            _evaluate_and_check_stop(model, tokenizer, data, config, state, log, progress, strategy)
+            _evaluate_and_check_stop(model, tokenizer, data, config, state, log, progress, strategy, objective)
         with progress:
             while state.step < total_steps:
                 step_start = time.perf_counter()
                 position = (state.epoch, state.batch_index)
                 outcome = _optimizer_step(model, rule, scheduler, scaler, guard, data, state, config, strategy,
-                                          hooks, total_steps)
+                                          hooks, total_steps, objective)
                 step_seconds += time.perf_counter() - step_start
                 state.step += 1
                 position = (state.epoch, state.batch_index)
@@ -164,7 +169,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                 if on_step is not None:
                     on_step(state.step, outcome.loss)
                 if _due(config.training.eval_every, state.step) or state.step == total_steps:
-                    if _evaluate_and_check_stop(model, tokenizer, data, config, state, log, progress, strategy):
+                    if _evaluate_and_check_stop(model, tokenizer, data, config, state, log, progress, strategy, objective):
                         progress.note(f"early stopping at step {state.step}: no better eval loss in "
                                       f"{config.training.early_stopping_patience} evaluations")
                         break
@@ -207,7 +212,8 @@ def _report_step(outcome: StepOutcome, state: TrainState, lr: float, rate: float
         return
     log.log({"step": state.step, "train_loss": _finite_or_none(outcome.loss), "grad_norm": _finite_or_none(outcome.grad_norm),
              "lr": lr, "tokens_per_second": rate, "tokens_seen": state.tokens_seen, "elapsed_seconds": elapsed,
-             "epoch": state.epoch, "nonfinite_steps": guard.skipped, **({} if outcome.applied else {"skipped": True})})
+             "epoch": state.epoch, "nonfinite_steps": guard.skipped, **getattr(outcome, "metrics", {}),
+             **({} if outcome.applied else {"skipped": True})})
 
 
 def _save_final_adapter(model: nn.Module, run_dir: Path, config: TrainConfig) -> Path:
@@ -262,6 +268,20 @@ def loss_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | 
     """fp16's range ends at 65504 and its small gradients flush to zero: scale the loss (and unscale
     the gradients before clipping) as Micikevicius et al. 2018 §3.2 describe. bf16 has fp32's range."""
     return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def check_objective_combinations(config: TrainConfig) -> None:
+    """Preference and reward objectives need what only an adapter run has; say so before anything loads."""
+    objective = config.training.objective
+    if objective == "sft":
+        return
+    if is_full_finetune(config.adapter):
+        raise ConfigError(f"training.objective={objective!r} needs an adapter: its reference model is the base with "
+                          "the adapter switched off. Use adapter.method: lora (or another adapter), or objective: sft "
+                          "for full finetuning.")
+    if config.data.select is not None:
+        raise ConfigError(f"data.select works on SFT examples; training.objective={objective!r} reads preference "
+                          "records. Select the data first (`tuneforge select`) or remove data.select.")
 
 
 def check_eval_generate(config: TrainConfig) -> None:
@@ -354,22 +374,26 @@ def _mean_token_loss(model, batch, training) -> torch.Tensor:
 
 
 def _optimizer_step(model, rule: UpdateRule, scheduler, scaler, guard: NonFiniteGuard, data, state, config: TrainConfig,
-                    strategy, hooks: HookChain, total_steps: int) -> StepOutcome:
+                    strategy, hooks: HookChain, total_steps: int, objective: Objective) -> StepOutcome:
     training = config.training
     optimizer = rule.optimizer
     fetched = [_next_batch(data, state) for _ in range(training.grad_accum)]
     micro_batches = [strategy.to_device(batch) for batch, _ in fetched]
     tokens = sum(count for _, count in fetched)
-    # Normalise by the labelled tokens of the whole accumulated step, so accumulation equals one big batch.
-    labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    # Normalise by the units (SFT: labelled tokens; DPO: pairs) of the whole accumulated step, so
+    # accumulation equals one big batch.
+    labelled = sum(objective.units(b) for b in micro_batches)
     labelled = max(1, int(strategy.reduce_sum(labelled)))
     rule.begin_step(model, state.step)
     if rule.takes_whole_step:  # LOMO/AdaLomo: update inside backward; MeZO: two forwards, no backward
-        return _whole_step(model, rule, scheduler, guard, micro_batches, labelled, tokens, state, training)
+        return _whole_step(model, rule, scheduler, guard, micro_batches, labelled, tokens, state, training, objective)
     loss_sum = 0.0
+    metric_sums: dict[str, float] = {}
     for batch in micro_batches:
         with autocast(training.precision, batch["input_ids"].device):
-            batch_loss, _ = token_loss_sum(model, batch, training.loss_chunk_size)
+            batch_loss, metrics = objective.loss_sum(model, batch)
+        for key, value in metrics.items():
+            metric_sums[key] = metric_sums.get(key, 0.0) + value
         loss = batch_loss / labelled
         extra = hooks.extra_loss(model)
         if extra is not None:
@@ -380,6 +404,7 @@ def _optimizer_step(model, rule: UpdateRule, scheduler, scaler, guard: NonFinite
         scaler.unscale_(optimizer)  # clip and measure the true gradients
     grad_norm = _clip_and_measure(optimizer, training.max_grad_norm)
     outcome = StepOutcome(loss_sum / labelled, grad_norm, tokens)
+    outcome.metrics = {key: value / labelled for key, value in metric_sums.items()}
     outcome.applied = guard.allows(outcome.loss, grad_norm, state.step + 1, scaler.get_scale() if scaler else None)
     if outcome.applied:
         hooks.before_optimizer_step(model, state.step, total_steps)
@@ -394,11 +419,11 @@ def _optimizer_step(model, rule: UpdateRule, scheduler, scaler, guard: NonFinite
 
 
 def _whole_step(model, rule: UpdateRule, scheduler, guard: NonFiniteGuard, micro_batches, labelled: int, tokens: int,
-                state, training) -> StepOutcome:
-    """A step the update rule takes itself, from the same per-token loss the loop would use."""
+                state, training, objective: Objective) -> StepOutcome:
+    """A step the update rule takes itself, from the same loss the loop would use."""
     def loss_fn(batch):
         with autocast(training.precision, batch["input_ids"].device):
-            batch_loss, _ = token_loss_sum(model, batch, training.loss_chunk_size)
+            batch_loss, _ = objective.loss_sum(model, batch)
         return batch_loss / labelled
 
     result = rule.whole_step(model, micro_batches, loss_fn, training.max_grad_norm, state.step)
@@ -426,15 +451,19 @@ def _clip_and_measure(optimizer, max_grad_norm: float | None) -> float:
 
 
 def _evaluate_and_check_stop(model, tokenizer, data: PreparedData, config: TrainConfig, state: TrainState,
-                             log: MetricsLog, progress, strategy) -> bool:
+                             log: MetricsLog, progress, strategy, objective: Objective) -> bool:
     if not data.eval_batches:
         return False
     with eager_only():
-        eval_loss = evaluate_loss(model, data.eval_batches, config.training.precision,
-                                  config.training.loss_chunk_size, strategy.device)
+        eval_loss, eval_metrics = objective.evaluate(model, data.eval_batches, strategy.device)
         accuracy = _eval_exact_match(model, tokenizer, data, config, strategy.device)
-    record = {"step": state.step, "eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50))}
-    line = f"step {state.step}: eval loss {eval_loss:.4f} (perplexity {math.exp(min(eval_loss, 50)):.2f})"
+    record = {"step": state.step, "eval_loss": eval_loss, **eval_metrics}
+    line = f"step {state.step}: eval loss {eval_loss:.4f}"
+    if objective.name == "sft":  # perplexity means something for a token cross-entropy only
+        record["eval_perplexity"] = math.exp(min(eval_loss, 50))
+        line += f" (perplexity {record['eval_perplexity']:.2f})"
+    if "eval_preference_accuracy" in eval_metrics:
+        line += f", preference accuracy {eval_metrics['eval_preference_accuracy']:.1%}"
     if accuracy is not None:
         record.update(eval_exact_match=accuracy.exact_match, eval_contains=accuracy.contains, eval_generated=accuracy.n)
         line += f", exact match {accuracy.exact_match:.1%} of {accuracy.n}"

@@ -1,0 +1,65 @@
+"""Per-token log-probabilities of the labelled tokens, computed in chunks like the SFT loss.
+
+Preference and reward objectives need log pi(y|x) per sequence, not a summed cross-entropy. As in
+losses.py only labelled positions go through the LM head, chunk by chunk with the chunk's logits
+recomputed in backward, so the (tokens x vocab) logits never exist at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tuneforge.losses import IGNORE_INDEX, backbone_and_head, hidden_states
+
+
+def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs (B, T-1) float32, zero where unlabelled; the label mask (B, T-1) bool).
+
+    Position t holds log p(token t+1 | tokens <= t), as in the causal-LM loss."""
+    hidden = hidden_states(model, batch)  # (B, T, H)
+    _, head = backbone_and_head(model)
+    labels = batch["labels"][:, 1:]  # (B, T-1)
+    keep = labels != IGNORE_INDEX
+    selected, targets = hidden[:, :-1][keep], labels[keep]  # (N, H), (N,)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    pieces = []
+    for start in range(0, int(targets.numel()), chunk_size):
+        chunk, chunk_targets = selected[start:start + chunk_size], targets[start:start + chunk_size]
+        if torch.is_grad_enabled() and chunk.requires_grad:
+            pieces.append(checkpoint(_chunk_logprobs, head, chunk, chunk_targets, softcap, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(head, chunk, chunk_targets, softcap))
+    out = hidden.new_zeros(labels.shape, dtype=torch.float32)
+    if pieces:
+        out = out.masked_scatter(keep, torch.cat(pieces))
+    else:
+        out = out + hidden.sum() * 0.0  # keeps the graph connected when nothing is labelled
+    return out, keep
+
+
+def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of labelled-token log-probs per row (B,), labelled tokens per row (B,))."""
+    logprobs, keep = token_logprobs(model, batch, chunk_size)
+    return logprobs.sum(dim=1), keep.sum(dim=1)
+
+
+def _chunk_logprobs(head: nn.Module, chunk: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    logits = head(chunk).float()  # (n, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)  # (n,)
+
+
+def pair_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probs (2P,), labelled tokens (2P,)) as [chosen_1..chosen_P, rejected_1..rejected_P],
+    from either pair layout: 2P padded rows, or P rows holding the shared prompt once
+    (``label_segments``, see data/preference.py)."""
+    if "label_segments" not in batch:
+        return sequence_logprobs(model, batch, chunk_size)
+    logprobs, _ = token_logprobs(model, batch, chunk_size)
+    segments = batch["label_segments"][:, 1:]  # (P, T-1), aligned with the predictions
+    sums = [(logprobs * (segments == side)).sum(dim=1) for side in (0, 1)]
+    counts = [(segments == side).sum(dim=1) for side in (0, 1)]
+    return torch.cat(sums), torch.cat(counts)
