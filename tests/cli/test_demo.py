@@ -20,9 +20,13 @@ def test_demo_config_is_the_example_file():
 
 def test_example_configs_are_valid():
     from tuneforge.config import load_config_file, parse_train_config
+    from tuneforge.federated.config import parse_federated_config
 
     for path in sorted((ROOT / "examples").glob("*.yaml")):
-        parse_train_config(load_config_file(path), source=str(path))
+        data = load_config_file(path)
+        # A federated config is a training config plus its `federated:` section.
+        parse = parse_federated_config if "federated" in data else parse_train_config
+        parse(data, source=str(path))
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):

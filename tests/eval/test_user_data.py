@@ -64,7 +64,7 @@ def _answers_training_taught(tokenizer, path):
     starts, up to the end-of-turn token. It knows nothing of the evaluation code."""
     trained = tokenize_examples(load_examples(str(path)).examples, tokenizer)
 
-    def generate_batch(model, id_lists, *, pad_id, stop_ids, max_new_tokens):
+    def generate_batch(model, id_lists, *, pad_id, stop_ids, max_new_tokens, stop_strings=(), tokenizer=None):
         replies = []
         for prompt in id_lists:
             [item] = [t for t in trained if t.input_ids[: len(prompt)] == list(prompt) and len(t.input_ids) > len(prompt)]
