@@ -46,9 +46,11 @@ def save_all_adapters(tokenizer, root):
     return root
 
 
-def reference_tokens(tokenizer, prompt_ids, max_tokens: int, adapter_dir=None) -> list[int]:
-    """Greedy tokens of one prompt alone through transformers' generate, the adapter merged."""
-    model = chat_model(tokenizer)
+def reference_tokens(tokenizer, prompt_ids, max_tokens: int, adapter_dir=None, base=None) -> list[int]:
+    """Greedy tokens of one prompt alone through transformers' generate, the adapter merged. ``base``: a
+    model to use instead of a fresh one (a fresh build draws from torch's global generator, which a
+    training thread running at the same time also draws from)."""
+    model = base if base is not None else chat_model(tokenizer)
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
         model = merge_and_unload(model)

@@ -8,6 +8,7 @@ equal the base model's own greedy reply.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import threading
@@ -44,6 +45,9 @@ class Server:
     def __init__(self, state_dir, share: float = 0.5):
         self.tokenizer = chat_tokenizer()
         self.model = chat_model(self.tokenizer)
+        # The base as built, before any job ran: a reference built later could race a job's thread for
+        # torch's global generator and come out different.
+        self.pristine = copy.deepcopy(self.model).eval()
         self.manager = AdapterManager(self.model, None)
         self.engine = Engine(self.model, self.tokenizer, adapters=self.manager)
         self.finetune = FineTuningService(state_dir, self.engine, self.manager, BASE, CoservePolicy(share=share))
@@ -82,9 +86,8 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     return PromptFormat.for_tokenizer("auto", tokenizer).encode([Message("user", text)], tokenizer)
 
 
-def base_logprobs(tokenizer, prompt: list[int], generated: list[int]) -> list[float]:
-    """log p(token | everything before it) under a fresh copy of the base, for each generated token."""
-    model = chat_model(tokenizer)
+def base_logprobs(model, prompt: list[int], generated: list[int]) -> list[float]:
+    """log p(token | everything before it) under a copy of the base, for each generated token."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt + generated])).logits[0].float()  # (T, V)
     log_probs = torch.log_softmax(logits, dim=-1)
@@ -222,12 +225,12 @@ def test_cancelling_a_running_job_frees_its_adapter(server):
 
 def test_requests_complete_while_a_job_trains_and_match_the_base(server):
     client = server.client
-    # The references first: building a fresh base seeds torch's global generator, which a running
-    # job's thread also draws from.
+    # The reference is the pristine copy of the served base (taken before any job ran): building a fresh
+    # base here would draw from torch's global generator while an earlier job's thread may still draw too.
     prompt = prompt_ids(server.tokenizer, "Hello")
-    expected_ids = reference_tokens(server.tokenizer, prompt, 6)
+    expected_ids = reference_tokens(server.tokenizer, prompt, 6, base=server.pristine)
     expected = server.tokenizer.decode(expected_ids, skip_special_tokens=True)
-    expected_logprobs = base_logprobs(server.tokenizer, prompt, expected_ids)
+    expected_logprobs = base_logprobs(server.pristine, prompt, expected_ids)
     # A request before the job, so the engine has listed the model's layers before the job wraps more.
     client.chat.completions.create(model=BASE, max_tokens=1, messages=[{"role": "user", "content": "Hi"}])
     file_id = client.files.create(file=("t.jsonl", chat_lines(64)), purpose="fine-tune").id
