@@ -217,32 +217,25 @@ def _report_step(outcome: StepOutcome, state: TrainState, lr: float, rate: float
 
 
 def _save_final_adapter(model: nn.Module, run_dir: Path, config: TrainConfig) -> Path:
-    """``adapter/`` written whole or not at all: into a temp folder, fsynced, then renamed into place."""
-    final = run_dir / "adapter"
-    tmp = run_dir / f".tmp-adapter-{os.getpid()}"
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(model, tmp, ADAPTER_NAME, base_model_name=config.model,
-                     base_quantization=config.quantization.model_dump(mode="json") if config.quantization else None)
-        fsync_tree(tmp)
-        replace_dir(tmp, final)
-        return final
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        kept = latest_checkpoint(run_dir)
-        raise CheckpointError(
-            f"could not save the final adapter in {run_dir / 'adapter'}: {exc.strerror or exc}"
-            + (f"; checkpoint {kept} is kept: free space and --resume to save it" if kept else "")
-        ) from None
+    """The run's ``adapter/``, written whole or not at all."""
+    quantization = config.quantization.model_dump(mode="json") if config.quantization else None
+    return _write_whole(run_dir, "adapter", lambda tmp: save_adapter(
+        model, tmp, ADAPTER_NAME, base_model_name=config.model, base_quantization=quantization))
 
 
 def _save_final_model(model: nn.Module, tokenizer, run_dir: Path) -> Path:
     """A full finetune's ``model/``: a transformers directory, written whole or not at all."""
-    final = run_dir / "model"
-    tmp = run_dir / f".tmp-model-{os.getpid()}"
+    return _write_whole(run_dir, "model", lambda tmp: save_full_model(model, tmp, tokenizer))
+
+
+def _write_whole(run_dir: Path, name: str, write: Callable[[Path], None]) -> Path:
+    """``write`` into a temporary folder, fsync it, then rename it to ``run_dir/name``; a failed write
+    (disk full) leaves the previous folder and the latest checkpoint as they were."""
+    final = run_dir / name
+    tmp = run_dir / f".tmp-{name}-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        save_full_model(model, tmp, tokenizer)
+        write(tmp)
         fsync_tree(tmp)
         replace_dir(tmp, final)
         return final
@@ -250,7 +243,7 @@ def _save_final_model(model: nn.Module, tokenizer, run_dir: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         kept = latest_checkpoint(run_dir)
         raise CheckpointError(
-            f"could not save the final model in {final}: {exc.strerror or exc}"
+            f"could not save the final {name} in {final}: {exc.strerror or exc}"
             + (f"; checkpoint {kept} is kept: free space and --resume to save it" if kept else "")
         ) from None
 

@@ -107,7 +107,34 @@ def _projection_base(block: nn.Module, name: str) -> nn.Module:
     return module.base_layer if isinstance(module, AdaptedLayer) else module
 
 
-class MixLoraBlock(LayerAdapter):
+class RoutedExperts(LayerAdapter):
+    """What every token-routed mixture shares: the Switch-Transformer load-balancing loss over the last
+    forward's routing (``routing_stats`` = (probabilities (T, E), chosen experts (T, k))), and no ΔW."""
+
+    routing_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def load_balancing_loss(self) -> torch.Tensor | None:
+        """E · Σ_e f_e P_e of the last forward pass (then forgotten, so each pass counts once)."""
+        if self.routing_stats is None:
+            return None
+        probabilities, chosen = self.routing_stats
+        self.routing_stats = None
+        experts = probabilities.shape[-1]
+        assignments = F.one_hot(chosen, experts).to(probabilities.dtype).sum(dim=1)  # (T, E)
+        fraction = assignments.mean(0) / chosen.shape[-1]
+        return experts * (fraction * probabilities.mean(0)).sum()
+
+    def merge(self, base_layer, safe):
+        raise AdapterError(
+            "a mixture of LoRA experts cannot be merged into the weights: each token picks its own experts, so "
+            "there is no single ΔW. The base model is unchanged; keep the adapter unmerged"
+        )
+
+    def delta_weight(self, base_layer):
+        raise AdapterError("a mixture of LoRA experts has no single ΔW (the routing depends on the input)")
+
+
+class MixLoraBlock(RoutedExperts):
     mergeable = False
 
     def __init__(self, block: nn.Module, layout: FfnLayout, config: MixLoraConfig, module_name: str):
@@ -173,26 +200,6 @@ class MixLoraBlock(LayerAdapter):
             change = both[: rows.numel()] - both[rows.numel():] + self._lora(layout.output, expert, expert_hidden)
             mixed = mixed.index_add(0, rows, change * weights[rows, slot, None])  # (T, hidden)
         return out + mixed.view(*out.shape[:-1], -1).to(out.dtype)
-
-    def load_balancing_loss(self) -> torch.Tensor | None:
-        """E · Σ_e f_e P_e of the last forward pass (then forgotten, so each pass counts once)."""
-        if self.routing_stats is None:
-            return None
-        probabilities, chosen = self.routing_stats
-        self.routing_stats = None
-        experts = probabilities.shape[-1]
-        assignments = F.one_hot(chosen, experts).to(probabilities.dtype).sum(dim=1)  # (T, E)
-        fraction = assignments.mean(0) / chosen.shape[-1]
-        return experts * (fraction * probabilities.mean(0)).sum()
-
-    def merge(self, base_layer, safe):
-        raise AdapterError(
-            "a mixture of LoRA experts cannot be merged into the weights: each token picks its own experts, so "
-            "there is no single ΔW. The base model is unchanged; keep the adapter unmerged"
-        )
-
-    def delta_weight(self, base_layer):
-        raise AdapterError("a mixture of LoRA experts has no single ΔW (the routing depends on the input)")
 
     def file_tensors(self):
         tensors = {"mixlora_router": self.mixlora_router}

@@ -36,7 +36,7 @@ from tuneforge.adapters.config import AdapterConfig, TargetSpec
 from tuneforge.adapters.hooks import TrainingHooks
 from tuneforge.adapters.layer import LayerAdapter
 from tuneforge.adapters.lora.lora import check_rank, lora_scaling, weight_shape
-from tuneforge.adapters.mixtures.mixlora import LoadBalancing
+from tuneforge.adapters.mixtures.mixlora import LoadBalancing, RoutedExperts
 from tuneforge.errors import AdapterError
 
 
@@ -71,7 +71,7 @@ class MoleConfig(AdapterConfig):
         return self
 
 
-class MoleLinear(LayerAdapter):
+class MoleLinear(RoutedExperts):
     mergeable = False
 
     def __init__(self, in_features: int, out_features: int, config: MoleConfig):
@@ -119,26 +119,6 @@ class MoleLinear(LayerAdapter):
             update = F.linear(F.linear(dropped[rows], self.mole_A[expert]), self.mole_B[expert])  # (n, out)
             mixed = mixed.index_add(0, rows, update * weights[rows, slot, None])
         return out + (mixed * self.scaling).view(*out.shape[:-1], -1).to(out.dtype)
-
-    def load_balancing_loss(self) -> torch.Tensor | None:
-        """E · Σ_e f_e P_e of the last forward pass (then forgotten, so each pass counts once)."""
-        if self.routing_stats is None:
-            return None
-        probabilities, chosen = self.routing_stats
-        self.routing_stats = None
-        experts = probabilities.shape[-1]
-        assignments = F.one_hot(chosen, experts).to(probabilities.dtype).sum(dim=1)  # (T, E)
-        fraction = assignments.mean(0) / chosen.shape[-1]
-        return experts * (fraction * probabilities.mean(0)).sum()
-
-    def merge(self, base_layer, safe):
-        raise AdapterError(
-            "a mixture of LoRA experts cannot be merged into the weights: each token picks its own experts, so "
-            "there is no single ΔW. The base model is unchanged; keep the adapter unmerged"
-        )
-
-    def delta_weight(self, base_layer):
-        raise AdapterError("a mixture of LoRA experts has no single ΔW (the routing depends on the input)")
 
     def file_tensors(self):
         return {"mole_A": self.mole_A, "mole_B": self.mole_B, "mole_router": self.mole_router}
