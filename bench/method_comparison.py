@@ -617,7 +617,10 @@ class ResultStore:
         return row is not None and row.status == "ok"
 
     def append(self, key: str, settings: dict[str, Any], row: Row, machine: str) -> None:
+        # The 1-minute load average as the row finished: above the row's own threads (about the core
+        # count), something else shared the cores and the step time is not an idle-machine figure.
         record = {"key": key, "settings": settings, "row": asdict(row), "machine": machine,
+                  "load_average_1min": round(os.getloadavg()[0], 2),
                   "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
         with self._lock:
@@ -1003,6 +1006,21 @@ def seeds_sentence(options: argparse.Namespace) -> str:
             f"with seed{'s' if options.seeds > 2 else ''} {others} (exact match: the mean, each seed in brackets).")
 
 
+BUSY_LOAD_PER_CORE = 1.25  # the row's own threads load each core about once; more means company
+
+
+def busy_timing_note(records: list[dict[str, Any]]) -> list[str]:
+    """Rows whose step time was taken while other work shared the cores: their accuracy and memory
+    stand, their step time does not (rerun them on an idle machine with --rerun --methods ...)."""
+    cores = os.cpu_count() or 1
+    busy = sorted({record["row"].name for record in records
+                   if record.get("load_average_1min", 0.0) > BUSY_LOAD_PER_CORE * cores})
+    if not busy:
+        return []
+    return [f"- step time taken on a busy machine (1-minute load above {BUSY_LOAD_PER_CORE:g} per core), "
+            f"so not comparable: {', '.join(busy)}"]
+
+
 def render_markdown(summaries: list[Summary], options: argparse.Namespace, store: ResultStore, command: str,
                     ignored: list[str], notes: str) -> str:
     reference = next((s for s in summaries if s.name == REFERENCE_ROW and s.runs), None)
@@ -1033,6 +1051,7 @@ def render_markdown(summaries: list[Summary], options: argparse.Namespace, store
         "generation; max allocated on CUDA)",
         "- mean step: wall time between optimizer steps 2..N (step 1 holds warm-up); data-driven inits "
         "(CorDA, EVA, LoRA-GA) calibrate before step 1, so their cost is not in it",
+        *busy_timing_note(used),
         *[f"- {note}" for note in ignored],
         "",
         *relative_table(summaries, reference),
