@@ -28,51 +28,41 @@ from torch import nn
 
 from tuneforge.train.update_rules.base import UpdateRule
 from tuneforge.train.update_rules.galore import galore_param_groups
+from tuneforge.train.update_rules.projected_adam import (
+    PerParameterAdamW,
+    advance_moments,
+    decay_decoupled,
+    refreshed_projection,
+)
 
 GROWTH_LIMIT = 1.01  # γ of the norm-growth limiter
 MINI_SCALE = math.sqrt(128)
 NORM_FLOOR = 1e-8  # keeps a zero gradient channel from dividing by zero
 
 
-class ApolloAdamW(torch.optim.Optimizer):
+class ApolloAdamW(PerParameterAdamW):
     """AdamW for groups without ``rank``; APOLLO's scaled-gradient step for groups with it."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  seed: int = 0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.seed = seed
 
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        index = 0
-        for group in self.param_groups:
-            for param in group["params"]:
-                index += 1
-                if param.grad is not None:
-                    self._update(param, group, index)
-        return loss
-
-    def _update(self, param: nn.Parameter, group: dict, index: int) -> None:
+    def update_param(self, param: nn.Parameter, group: dict, index: int = 0) -> None:
         grad = param.grad.float()
         state = self.state[param]
-        step = int(state.get("step", 0))
         lowrank = "rank" in group and grad.dim() == 2
         left = lowrank and grad.shape[0] <= grad.shape[1]  # project the smaller side
         if lowrank:
-            if step % group["update_proj_gap"] == 0:
-                state["projection"] = self._projection(grad, group["rank"], left, index, step)
-            moment_input = state["projection"] @ grad if left else grad @ state["projection"].T  # (r, n) / (m, r)
+            step = int(state.get("step", 0))
+            projection = refreshed_projection(state, step, group["update_proj_gap"],
+                                              lambda: self._projection(grad, group["rank"], left, index, step))
+            moment_input = projection @ grad if left else grad @ projection.T  # (r, n) / (m, r)
         else:
             moment_input = grad
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(moment_input)
-            state["exp_avg_sq"] = torch.zeros_like(moment_input)
+        step = advance_moments(state, moment_input, group["betas"])
         beta1, beta2 = group["betas"]
-        step += 1
-        state["step"] = torch.tensor(float(step))
-        state["exp_avg"].mul_(beta1).add_(moment_input, alpha=1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(moment_input, moment_input, value=1 - beta2)
         m_hat = state["exp_avg"] / (1 - beta1**step)
         v_hat = state["exp_avg_sq"] / (1 - beta2**step)
         adam = m_hat / (v_hat.sqrt() + group["eps"])
@@ -81,8 +71,7 @@ class ApolloAdamW(torch.optim.Optimizer):
             update = self._limit_growth(update, state)
         else:
             update = adam
-        if group["weight_decay"]:
-            param.mul_(1 - group["lr"] * group["weight_decay"])
+        decay_decoupled(param, group)
         param.add_(update.to(param.dtype), alpha=-group["lr"])
 
     def _projection(self, grad, rank: int, left: bool, index: int, step: int) -> torch.Tensor:

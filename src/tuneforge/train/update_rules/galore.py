@@ -31,47 +31,33 @@ from torch import nn
 
 from tuneforge.adapters.targeting import DEFAULT_LAYER_PATTERNS, layer_index
 from tuneforge.train.update_rules.base import UpdateRule, trainable_params
+from tuneforge.train.update_rules.projected_adam import (
+    PerParameterAdamW,
+    advance_moments,
+    decay_decoupled,
+    refreshed_projection,
+)
 
 
-class GaLoreAdamW(torch.optim.Optimizer):
+class GaLoreAdamW(PerParameterAdamW):
     """AdamW whose groups with ``rank`` keep their moments in the projected, r-dimensional space."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self.update_param(param, group)
-        return loss
-
-    @torch.no_grad()
-    def update_param(self, param: nn.Parameter, group: dict) -> None:
+    def update_param(self, param: nn.Parameter, group: dict, index: int = 0) -> None:
         grad = param.grad
         state = self.state[param]
-        step = int(state.get("step", 0))
         projected = "rank" in group and grad.dim() == 2
-        if projected:
-            if step % group["update_proj_gap"] == 0:  # a new subspace every T steps; moments carry over (§4.1)
-                state["projection"] = _projection(grad, group["rank"])
-            grad = _project(grad, state["projection"])
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(grad)
-            state["exp_avg_sq"] = torch.zeros_like(grad)
+        if projected:  # a new subspace every T steps; moments carry over (§4.1)
+            projection = refreshed_projection(state, int(state.get("step", 0)), group["update_proj_gap"],
+                                              lambda: _projection(grad, group["rank"]))
+            grad = _project(grad, projection)
+        step = advance_moments(state, grad, group["betas"])
         beta1, beta2 = group["betas"]
-        step += 1
-        state["step"] = torch.tensor(float(step))
-        state["exp_avg"].mul_(beta1).add_(grad, alpha=1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         direction = state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(group["eps"])
         step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
         if projected:
             direction = _project_back(direction, state["projection"], param.shape) * group["scale"]
-        if group["weight_decay"]:
-            param.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled (Loshchilov & Hutter 2019)
+        decay_decoupled(param, group)
         param.add_(direction.to(param.dtype), alpha=-step_size)
 
 
