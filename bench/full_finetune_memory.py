@@ -13,8 +13,20 @@ when galore-torch is installed, the Trainer's layer-wise GaLore (what LLaMA-Fact
 
 Columns: peak RSS (MiB) and its ratio to full AdamW; optimizer-state bytes (tensors held in the
 optimizer state at the last checkpoint, i.e. what resuming needs); mean step time over steps 2..N;
-the last training loss. Accuracy on the demo task is not measured here (it needs far more steps
-than a memory measurement; see docs/full_finetuning.md).
+the last training loss.
+
+Accuracy (``--accuracy``) is a separate mode, since it needs the demo's budget rather than a few
+steps: every method trains on the demo's task and schedule (``state_tracking``, 100 steps of 2 packed
+rows x 256 tokens, cosine after 5 warm-up steps), then greedy exact match on the first
+``--eval-examples`` held-out problems, as the method comparison scores adapters:
+
+    python bench/full_finetune_memory.py --accuracy --output /tmp/fft-accuracy.json   # ~5 min per method
+
+The learning rates and periods it uses are in ``ACCURACY_SETTINGS``: one AdamW learning rate for every
+Adam-based rule; BAdam's and LISA's switching periods shortened so that 100 steps visit most layers (their
+defaults assume thousands of steps); GaLore and APOLLO with scale 1 so that their steps are AdamW-sized;
+LOMO's SGD and AdaLomo at their papers' learning rates; MeZO at its paper's lr and ε (it needs far more
+steps, and the table says so).
 """
 
 from __future__ import annotations
@@ -50,6 +62,23 @@ METHODS = {
     "adalomo": ({}, {"method": "adalomo"}, {}),
     "mezo": ({}, {"method": "mezo"}, {}),
 }
+# method -> (learning rate, update_rule overrides) for --accuracy
+ADAM_LR = 5e-5
+ACCURACY_SETTINGS = {
+    "adamw": (ADAM_LR, {}),
+    "adamw8bit": (ADAM_LR, {}),
+    "galore": (ADAM_LR, {"scale": 1.0}),
+    "galore-layerwise": (ADAM_LR, {"scale": 1.0}),
+    "apollo": (ADAM_LR, {"scale": 1.0}),
+    "apollo-mini": (ADAM_LR, {}),  # Mini's own sqrt(128) scale: its rank-1 estimate needs it
+    "badam": (ADAM_LR, {"switch_every": 4}),
+    "lisa": (ADAM_LR, {"switch_every": 10}),
+    "lomo": (1e-2, {}),  # plain SGD: Lv et al. train with lr 1e-2..3e-2
+    "adalomo": (5e-4, {}),
+    "mezo": (1e-6, {"eps": 1e-3}),  # Malladi et al.'s lr and epsilon
+}
+ACCURACY_TASK = "state_tracking"
+ACCURACY_STEPS = 100
 PEERS = ("inference", "peer-trainer-adamw", "peer-trainer-galore-layerwise")
 
 
@@ -109,6 +138,34 @@ def run_tuneforge(method: str, args) -> dict:
                       for t in s.values() if torch.is_tensor(t))
     return {"peak_rss_mib": peak_rss_mib(), "optimizer_state_bytes": state_bytes,
             "step_seconds": _mean_step(stamps, start), "final_loss": losses[-1]}
+
+
+def run_accuracy(method: str, args) -> dict:
+    """Train on the demo's task and budget, then greedy exact match on held-out problems."""
+    from tuneforge.config import parse_train_config
+    from tuneforge.data import load_examples
+    from tuneforge.eval.generation import score_generation
+    from tuneforge.train import train
+
+    adapter, rule, overrides = METHODS[method]
+    lr, rule_settings = ACCURACY_SETTINGS[method]
+    model, tokenizer = build_model(args.model)
+    config = parse_train_config({
+        "output_dir": str(Path(args.workdir) / f"accuracy-{args.model}-{method}"), "device": args.device,
+        "adapter": {"method": "full", **adapter}, "update_rule": {**rule, **rule_settings},
+        "data": {"train": ACCURACY_TASK, "max_seq_len": 256, "packing": True, "eval_size": 0},
+        "training": {"max_steps": args.steps, "batch_size": 2, "lr": lr, "warmup_steps": 5, "scheduler": "cosine",
+                     "log_every": 1, "precision": args.precision, "save_every": args.steps, **overrides},
+    })
+    stamps, losses = [], []
+    start = time.perf_counter()
+    train(config, overwrite=True, model_and_tokenizer=(model, tokenizer),
+          on_step=lambda step, loss: (stamps.append(time.perf_counter()), losses.append(loss)))
+    held_out = load_examples(ACCURACY_TASK, split="eval").examples[: args.eval_examples]
+    score = score_generation(model, tokenizer, held_out, max_new_tokens=8, progress=False)
+    return {"lr": lr, "exact_match": score.exact_match, "peak_rss_mib": peak_rss_mib(),
+            "step_seconds": _mean_step(stamps, start), "final_loss": losses[-1] if losses else None,
+            "first_loss": losses[0] if losses else None}
 
 
 def run_inference(args) -> dict:
@@ -177,7 +234,9 @@ def child_main(args) -> None:
     import torch
 
     torch.manual_seed(0)
-    if args.child == "inference":
+    if args.accuracy:
+        result = run_accuracy(args.child, args)
+    elif args.child == "inference":
         result = run_inference(args)
     elif args.child.startswith("peer-"):
         result = run_peer(args, galore=args.child.endswith("galore-layerwise"))
@@ -189,7 +248,8 @@ def child_main(args) -> None:
 def run_child(method: str, model: str, args) -> dict | None:
     command = [sys.executable, __file__, "--child", method, "--models", model, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len), "--lr", str(args.lr),
-               "--device", args.device, "--precision", args.precision, "--workdir", args.workdir]
+               "--device", args.device, "--precision", args.precision, "--workdir", args.workdir,
+               "--eval-examples", str(args.eval_examples)] + (["--accuracy"] if args.accuracy else [])
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -212,7 +272,10 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2-135m")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"tuneforge methods, from {', '.join(METHODS)}")
     parser.add_argument("--no-peers", action="store_true", help="skip inference and the transformers Trainer runs")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: 8; with --accuracy 100)")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="train each method on the demo's task and budget and report held-out exact match")
+    parser.add_argument("--eval-examples", type=int, default=64, help="--accuracy: held-out problems scored")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-5)
@@ -222,6 +285,8 @@ def main() -> None:
     parser.add_argument("--child", choices=[*METHODS, *PEERS])
     parser.add_argument("--output", help="also write the results as JSON here")
     args = parser.parse_args()
+    if args.steps is None:
+        args.steps = ACCURACY_STEPS if args.accuracy else 8
     if args.child:
         args.model = args.models
         child_main(args)
@@ -233,14 +298,28 @@ def main() -> None:
     if "adamw" not in methods:
         methods.insert(0, "adamw")  # the baseline of every ratio
     rows = []
+    peers = [] if args.no_peers or args.accuracy else available_peers()
     for model in args.models.split(","):
-        for method in methods + ([] if args.no_peers else available_peers()):
+        for method in methods + peers:
             result = run_child(method, model, args)
             if result is not None:
                 rows.append({"model": model, "method": method, **result})
-    print_table(rows)
+                print(json.dumps(rows[-1]), flush=True)
+                if args.output:  # after every row, so a long run that is stopped keeps what it measured
+                    Path(args.output).write_text(json.dumps(rows, indent=2))
+    (print_accuracy_table if args.accuracy else print_table)(rows)
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=2))
+
+
+def print_accuracy_table(rows: list[dict]) -> None:
+    baseline = {r["model"]: r["exact_match"] for r in rows if r["method"] == "adamw"}
+    print("\n| model | method | lr | exact match | vs full AdamW | first / last loss | s/step | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["exact_match"] / baseline[r["model"]] if baseline.get(r["model"]) else float("nan")
+        print(f"| {r['model']} | {r['method']} | {r['lr']:g} | {r['exact_match']:.1%} | {ratio:.2f}x | "
+              f"{r['first_loss']:.3f} / {r['final_loss']:.3f} | {r['step_seconds']:.2f} | {r['peak_rss_mib']:.0f} |")
 
 
 def print_table(rows: list[dict]) -> None:
