@@ -21,7 +21,9 @@ def prepare_objective_data(config: TrainConfig, tokenizer, mask_dtype: torch.dty
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_items, skipped = _tokenized(config, tokenizer, data.train, "train")
     # Chosen and rejected share their prompt: held once per row unless a model-level method needs whole sequences.
-    share = dict(share_prompt=data.share_prefix and not _edits_the_sequence(config.adapter.method), mask_dtype=mask_dtype)
+    share_prompt = data.share_prefix and not _edits_the_sequence(config.adapter.method)
+    # data.packing: several pairs per row (each still holding its prompt once), rows up to max_seq_len tokens.
+    share = dict(share_prompt=share_prompt, mask_dtype=mask_dtype, pack_to=data.max_seq_len if data.packing else None)
     plan = PreferencePlan(train_items, config.training.batch_size, config.training.seed, pad_id, **share)
     eval_batches = []
     held_out = eval_source(config) if data.eval_size != 0 else None
