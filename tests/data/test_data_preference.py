@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -83,12 +84,20 @@ def test_kto_records_need_a_boolean_label(tmp_path):
     assert records[0].desirable is True and skipped == 1
 
 
-def test_bundled_task_gives_right_chosen_and_wrong_rejected_answers():
+def test_bundled_task_gives_right_chosen_and_wrong_or_verbose_rejected_answers():
     pairs, _ = load_preference_records("arithmetic", "dpo", size=20)
     again, _ = load_preference_records("arithmetic", "dpo", size=20)
     assert pairs == again  # deterministic
+    kinds = set()
     for pair in pairs:
-        assert pair.chosen[0].content.isdigit() and pair.rejected[0].content != pair.chosen[0].content
+        chosen, rejected = pair.chosen[0].content, pair.rejected[0].content
+        assert chosen.isdigit() and rejected != chosen
+        if rejected.isdigit():  # wrong
+            kinds.add("wrong")
+        else:  # verbose: the right number inside a sentence
+            assert re.findall(r"\d+", rejected) == [chosen] and len(rejected.split()) > 3
+            kinds.add("verbose")
+    assert kinds == {"wrong", "verbose"}
     kto, _ = load_preference_records("arithmetic", "kto", size=20)
     assert [k.desirable for k in kto[:4]] == [True, False, True, False]
 

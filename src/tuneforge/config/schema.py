@@ -149,9 +149,9 @@ class TrainingConfig(Section):
         if self.reference == "init_adapter" and self.init_adapter is None:
             raise ValueError("reference='init_adapter' needs training.init_adapter (the saved SFT adapter to start from "
                              "and to keep frozen as the reference); set it, or use reference='adapter_off'")
-        if self.objective != "sft" and self.eval_generate:
-            raise ValueError(f"eval_generate works with objective='sft' only (objective={self.objective!r} records "
-                             "reward metrics instead); set training.eval_generate=0")
+        if self.objective in ("kto", "grpo") and self.eval_generate:  # pairs are scored against their chosen answer
+            raise ValueError(f"eval_generate works with objective sft, dpo, ipo, orpo or simpo (objective="
+                             f"{self.objective!r} records reward metrics instead); set training.eval_generate=0")
         return self
 
 

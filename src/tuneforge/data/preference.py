@@ -7,7 +7,7 @@
 | {prompt, completion, label}              | kto                    | label: true (desirable) or false            |
 
 A bundled task (e.g. ``arithmetic``) gives deterministic pairs: chosen is the right answer,
-rejected a wrong one; for KTO, alternate examples get the right (desirable) or a wrong answer.
+rejected a wrong one or the right one said verbosely; for KTO, alternate examples get the right (desirable) or a wrong answer.
 Bad records are reported like SFT data: file and line, the key, and what to do.
 """
 
@@ -140,10 +140,23 @@ def wrong_answer(answer: str, rng: random.Random) -> str:
     return answer[::-1] if answer[::-1] != answer else answer + " not"
 
 
+VERBOSE_ANSWERS = ("The answer is {answer}.",
+                   "Let me work it out step by step. After every change, the total comes to {answer}.",
+                   "Sure! Counting everything up, I get {answer} in the end.")
+
+
+def verbose_answer(answer: str, rng: random.Random) -> str:
+    """The right answer, wrapped in a sentence the task's "answer with just the number" rules out."""
+    return rng.choice(VERBOSE_ANSWERS).format(answer=answer)
+
+
 def pairs_from_task(examples: Sequence[Example], seed: int) -> list[PreferencePair]:
+    """Chosen: the bare right answer. Rejected: a nearby wrong answer (even-numbered examples) or the
+    right one said verbosely (odd-numbered), so DPO teaches both correctness and the concise format."""
     rng = random.Random(seed)
     return [PreferencePair(e.prompt_messages, (Message("assistant", e.answer),),
-                           (Message("assistant", wrong_answer(e.answer, rng)),), e.origin) for e in examples]
+                           (Message("assistant", wrong_answer(e.answer, rng) if i % 2 == 0 else verbose_answer(e.answer, rng)),),
+                           e.origin) for i, e in enumerate(examples)]
 
 
 def kto_from_task(examples: Sequence[Example], seed: int) -> list[KtoExample]:
