@@ -143,3 +143,24 @@ def test_kto_batches_carry_mismatched_pairs_for_the_kl_estimate(tiny_chat_tokeni
     for row in range(3):  # row i: prompt i with completion i-1 (cycled)
         assert completion(batch["kl_input_ids"][row], batch["kl_labels"][row]) == completion(batch["input_ids"][row - 1], batch["labels"][row - 1])
         assert prompt(batch["kl_input_ids"][row], batch["kl_labels"][row]) == prompt(batch["input_ids"][row], batch["labels"][row])
+
+
+def test_a_pair_whose_difference_lies_beyond_max_seq_len_is_a_bad_record(tiny_chat_tokenizer):
+    """Cut to max_seq_len, chosen and rejected become the same tokens: no preference is left."""
+    long = "apples " * 100
+    pairs = [PreferencePair((Message("user", "q"),), (Message("assistant", long + "4"),), (Message("assistant", long + "5"),)),
+             PreferencePair((Message("user", "q"),), (Message("assistant", "4"),), (Message("assistant", "5"),))]
+    with pytest.raises(DataError, match=r"same \d+ tokens once cut to data.max_seq_len=64"):
+        tokenize_records(pairs, tiny_chat_tokenizer, "auto", 64, "error", "pairs.jsonl")
+    items, skipped = tokenize_records(pairs, tiny_chat_tokenizer, "auto", 64, "skip", "pairs.jsonl")
+    assert len(items) == 1 and skipped == 1
+
+
+@pytest.mark.parametrize("completion", ["", "   ", [{"role": "assistant", "content": " "}], []])
+def test_empty_kto_completions_are_bad_records(tmp_path, completion):
+    path = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "q", "completion": "a", "label": True},
+                                              {"prompt": "q", "completion": completion, "label": False}])
+    with pytest.raises(DataError, match=r"k.jsonl:2: .*(empty completion|end with an assistant turn)"):
+        load_preference_records(str(path), "kto")
+    records, skipped = load_preference_records(str(path), "kto", on_bad_record="skip")
+    assert len(records) == 1 and skipped == 1

@@ -233,6 +233,11 @@ def tokenize_records(records: Sequence, tokenizer, template: str, max_seq_len: i
             problems.append(f"{record.origin}: the prompt is {max_seq_len} tokens or longer, so no answer token fits; "
                             "raise data.max_seq_len or shorten the prompt")
             continue
+        if len(sides) == 2 and (tokenized[0][0].input_ids, tokenized[0][0].labels) == (tokenized[1][0].input_ids, tokenized[1][0].labels):
+            problems.append(f"{record.origin}: 'chosen' and 'rejected' are the same {len(tokenized[0][0])} tokens once cut "
+                            f"to data.max_seq_len={max_seq_len} (they differ only beyond it), so there is no preference "
+                            "left to learn; raise data.max_seq_len or shorten the prompt")
+            continue
         items.append(TokenizedPair(tokenized[0][0], tokenized[1][0]) if len(sides) == 2
                      else (tokenized[0][0], record.desirable))
     if problems:
