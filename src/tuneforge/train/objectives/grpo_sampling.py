@@ -4,7 +4,8 @@ serving engine (serve/engine.py: continuous batching, every row the policy adapt
 The engine runs on the training model itself, so it reads the adapter's live weights: its per-row
 LoRA stacks watch the trainable factors' version counters, and an optimizer step (an in-place update)
 makes them restack at the next call. Sampling runs under no_grad in eval mode (no dropout) and the
-model goes back to train mode afterwards, even on error.
+model goes back to train mode afterwards, even on error. Sampling runs in the weights' own dtype
+(autocast off) and eagerly where the decoder layers are compiled (their shapes change every step).
 
 Fallback: transformers' ``generate`` on the same model, used when the engine cannot run this policy.
 That is when the architecture is not one the engine supports, or when the policy adapter cannot be
@@ -26,6 +27,7 @@ from torch import nn
 
 from tuneforge.errors import ConfigError
 from tuneforge.eval.generation import left_pad, padding_id, stop_token_ids, until_stop
+from tuneforge.train.compile import eager_only
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +56,8 @@ class PolicySampler:
         was_training = model.training
         model.eval()
         try:
-            with torch.autocast(next(model.parameters()).device.type, enabled=False):  # the weights' own precision
+            # The weights' own precision; compiled layers (training.compile) run eagerly: shapes change every step.
+            with torch.autocast(next(model.parameters()).device.type, enabled=False), eager_only():
                 engine = self._engine_for(model, rows)
                 if engine is None:
                     return self._generate(model, rows, greedy)
