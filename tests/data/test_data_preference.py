@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -83,12 +84,20 @@ def test_kto_records_need_a_boolean_label(tmp_path):
     assert records[0].desirable is True and skipped == 1
 
 
-def test_bundled_task_gives_right_chosen_and_wrong_rejected_answers():
+def test_bundled_task_gives_right_chosen_and_wrong_or_verbose_rejected_answers():
     pairs, _ = load_preference_records("arithmetic", "dpo", size=20)
     again, _ = load_preference_records("arithmetic", "dpo", size=20)
     assert pairs == again  # deterministic
+    kinds = set()
     for pair in pairs:
-        assert pair.chosen[0].content.isdigit() and pair.rejected[0].content != pair.chosen[0].content
+        chosen, rejected = pair.chosen[0].content, pair.rejected[0].content
+        assert chosen.isdigit() and rejected != chosen
+        if rejected.isdigit():  # wrong
+            kinds.add("wrong")
+        else:  # verbose: the right number inside a sentence
+            assert re.findall(r"\d+", rejected) == [chosen] and len(rejected.split()) > 3
+            kinds.add("verbose")
+    assert kinds == {"wrong", "verbose"}
     kto, _ = load_preference_records("arithmetic", "kto", size=20)
     assert [k.desirable for k in kto[:4]] == [True, False, True, False]
 
@@ -134,3 +143,24 @@ def test_kto_batches_carry_mismatched_pairs_for_the_kl_estimate(tiny_chat_tokeni
     for row in range(3):  # row i: prompt i with completion i-1 (cycled)
         assert completion(batch["kl_input_ids"][row], batch["kl_labels"][row]) == completion(batch["input_ids"][row - 1], batch["labels"][row - 1])
         assert prompt(batch["kl_input_ids"][row], batch["kl_labels"][row]) == prompt(batch["input_ids"][row], batch["labels"][row])
+
+
+def test_a_pair_whose_difference_lies_beyond_max_seq_len_is_a_bad_record(tiny_chat_tokenizer):
+    """Cut to max_seq_len, chosen and rejected become the same tokens: no preference is left."""
+    long = "apples " * 100
+    pairs = [PreferencePair((Message("user", "q"),), (Message("assistant", long + "4"),), (Message("assistant", long + "5"),)),
+             PreferencePair((Message("user", "q"),), (Message("assistant", "4"),), (Message("assistant", "5"),))]
+    with pytest.raises(DataError, match=r"same \d+ tokens once cut to data.max_seq_len=64"):
+        tokenize_records(pairs, tiny_chat_tokenizer, "auto", 64, "error", "pairs.jsonl")
+    items, skipped = tokenize_records(pairs, tiny_chat_tokenizer, "auto", 64, "skip", "pairs.jsonl")
+    assert len(items) == 1 and skipped == 1
+
+
+@pytest.mark.parametrize("completion", ["", "   ", [{"role": "assistant", "content": " "}], []])
+def test_empty_kto_completions_are_bad_records(tmp_path, completion):
+    path = write_jsonl(tmp_path / "k.jsonl", [{"prompt": "q", "completion": "a", "label": True},
+                                              {"prompt": "q", "completion": completion, "label": False}])
+    with pytest.raises(DataError, match=r"k.jsonl:2: .*(empty completion|end with an assistant turn)"):
+        load_preference_records(str(path), "kto")
+    records, skipped = load_preference_records(str(path), "kto", on_bad_record="skip")
+    assert len(records) == 1 and skipped == 1

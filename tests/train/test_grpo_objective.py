@@ -3,6 +3,7 @@ reward functions that raise or return NaN."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -91,3 +92,52 @@ def test_rewards_that_raise_or_are_nan_are_counted_not_fatal():
     rewards, failed = objective.score(group, ["a"] * GROUP)
     assert failed == 2
     assert rewards.tolist() == [1.0, 1.0, 1.0]  # failures take the group's mean: no push either way
+
+
+def write_prompts(path, questions):
+    with path.open("w") as f:
+        for question, answer in questions:
+            f.write(json.dumps({"messages": [{"role": "user", "content": question},
+                                             {"role": "assistant", "content": answer}]}) + "\n")
+    return path
+
+
+def test_a_prompt_too_long_for_max_seq_len_is_a_bad_record(tmp_path):
+    from tuneforge.errors import DataError
+    from tuneforge.train.objectives.grpo_objective import prepare_prompt_data
+
+    path = write_prompts(tmp_path / "prompts.jsonl", [("Tom has 3 apples. How many?", "3"), ("apples " * 200, "4")])
+    _, tokenizer = tiny_chat_model_and_tokenizer()
+
+    def config(on_bad_record):
+        return parse_train_config({"data": {"train": str(path), "max_seq_len": 96, "eval_size": 0,
+                                            "on_bad_record": on_bad_record},
+                                   "training": {"objective": "grpo", "grpo_max_new_tokens": 8}})
+
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: the prompt \(\d+ tokens\) plus grpo_max_new_tokens"):
+        prepare_prompt_data(config("error"), tokenizer)
+    prepared = prepare_prompt_data(config("skip"), tokenizer)
+    assert prepared.train_examples == 1 and prepared.skipped_records == 1
+
+
+def test_a_reward_function_that_raises_or_returns_nan_does_not_stop_the_run(tmp_path, monkeypatch, one_torch_thread):
+    from tuneforge.train import train
+
+    module = tmp_path / "broken_rewards.py"
+    module.write_text("def score(completions, answers):\n"
+                      "    if len(completions) > 1:\n        raise RuntimeError('batch scoring is broken')\n"
+                      "    if len(completions[0]) % 2:\n        raise ValueError('cannot score this one')\n"
+                      "    return [float('nan')]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = write_prompts(tmp_path / "prompts.jsonl", [(f"Tom has {i} apples. How many?", str(i)) for i in range(4)])
+    config = parse_train_config({
+        "output_dir": str(tmp_path / "run"), "adapter": {"r": 4},
+        "data": {"train": str(path), "eval": str(path), "max_seq_len": 96},
+        "training": {"objective": "grpo", "grpo_reward": "broken_rewards:score", "grpo_group_size": 2,
+                     "grpo_max_new_tokens": 3, "max_steps": 2, "batch_size": 2, "log_every": 1, "eval_every": 2}})
+    summary = train(config, model_and_tokenizer=tiny_chat_model_and_tokenizer())
+    lines = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "train_loss" in line]
+    assert [line["step"] for line in steps] == [1, 2]
+    assert all(line["reward_failures"] > 0 and math.isfinite(line["train_loss"]) for line in steps)
+    assert [line["eval_reward"] for line in lines if "eval_reward" in line] == [0.0, 0.0]  # failures score 0

@@ -36,7 +36,8 @@ class DataConfig(Section):
         None, description="record format; detected from the keys when not given")
     template: str = Field("auto", description="chat template: auto (the tokenizer's own), chatml, llama3, alpaca, plain")
     max_seq_len: int = Field(512, gt=8, description="tokens per example (and per packed row); longer examples are truncated")
-    packing: bool = Field(True, description="pack several examples into one row (attention never crosses examples)")
+    packing: bool = Field(True, description="pack several examples (or preference pairs) into one row (attention never "
+                                               "crosses examples)")
     share_prefix: bool = Field(True, description="with packing, hold the unlabelled tokens every example opens with "
                                "(e.g. a fixed system prompt) once per row: same loss and gradients, fewer tokens to "
                                "compute; not used with model-level methods (prompt/prefix tuning, ReFT, ...)")
@@ -148,9 +149,9 @@ class TrainingConfig(Section):
         if self.reference == "init_adapter" and self.init_adapter is None:
             raise ValueError("reference='init_adapter' needs training.init_adapter (the saved SFT adapter to start from "
                              "and to keep frozen as the reference); set it, or use reference='adapter_off'")
-        if self.objective != "sft" and self.eval_generate:
-            raise ValueError(f"eval_generate works with objective='sft' only (objective={self.objective!r} records "
-                             "reward metrics instead); set training.eval_generate=0")
+        if self.objective in ("kto", "grpo") and self.eval_generate:  # pairs are scored against their chosen answer
+            raise ValueError(f"eval_generate works with objective sft, dpo, ipo, orpo or simpo (objective="
+                             f"{self.objective!r} records reward metrics instead); set training.eval_generate=0")
         return self
 
 

@@ -7,7 +7,7 @@
 | {prompt, completion, label}              | kto                    | label: true (desirable) or false            |
 
 A bundled task (e.g. ``arithmetic``) gives deterministic pairs: chosen is the right answer,
-rejected a wrong one; for KTO, alternate examples get the right (desirable) or a wrong answer.
+rejected a wrong one or the right one said verbosely; for KTO, alternate examples get the right (desirable) or a wrong answer.
 Bad records are reported like SFT data: file and line, the key, and what to do.
 """
 
@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from tuneforge.data.batching import EpochBatches
-from tuneforge.data.collate import PADDING_SEGMENT, SHARED_SEGMENT, block_causal_mask, collate_padded
+from tuneforge.data.collate import PADDING_SEGMENT, collate_padded
+from tuneforge.data.packing import pack_examples
 from tuneforge.data.datasets import dataset_names, get_dataset
 from tuneforge.data.formats import RecordError, _preview
 from tuneforge.data.loading import _apply_bad_record_policy
@@ -139,10 +140,23 @@ def wrong_answer(answer: str, rng: random.Random) -> str:
     return answer[::-1] if answer[::-1] != answer else answer + " not"
 
 
+VERBOSE_ANSWERS = ("The answer is {answer}.",
+                   "Let me work it out step by step. After every change, the total comes to {answer}.",
+                   "Sure! Counting everything up, I get {answer} in the end.")
+
+
+def verbose_answer(answer: str, rng: random.Random) -> str:
+    """The right answer, wrapped in a sentence the task's "answer with just the number" rules out."""
+    return rng.choice(VERBOSE_ANSWERS).format(answer=answer)
+
+
 def pairs_from_task(examples: Sequence[Example], seed: int) -> list[PreferencePair]:
+    """Chosen: the bare right answer. Rejected: a nearby wrong answer (even-numbered examples) or the
+    right one said verbosely (odd-numbered), so DPO teaches both correctness and the concise format."""
     rng = random.Random(seed)
     return [PreferencePair(e.prompt_messages, (Message("assistant", e.answer),),
-                           (Message("assistant", wrong_answer(e.answer, rng)),), e.origin) for e in examples]
+                           (Message("assistant", wrong_answer(e.answer, rng) if i % 2 == 0 else verbose_answer(e.answer, rng)),),
+                           e.origin) for i, e in enumerate(examples)]
 
 
 def kto_from_task(examples: Sequence[Example], seed: int) -> list[KtoExample]:
@@ -219,6 +233,11 @@ def tokenize_records(records: Sequence, tokenizer, template: str, max_seq_len: i
             problems.append(f"{record.origin}: the prompt is {max_seq_len} tokens or longer, so no answer token fits; "
                             "raise data.max_seq_len or shorten the prompt")
             continue
+        if len(sides) == 2 and (tokenized[0][0].input_ids, tokenized[0][0].labels) == (tokenized[1][0].input_ids, tokenized[1][0].labels):
+            problems.append(f"{record.origin}: 'chosen' and 'rejected' are the same {len(tokenized[0][0])} tokens once cut "
+                            f"to data.max_seq_len={max_seq_len} (they differ only beyond it), so there is no preference "
+                            "left to learn; raise data.max_seq_len or shorten the prompt")
+            continue
         items.append(TokenizedPair(tokenized[0][0], tokenized[1][0]) if len(sides) == 2
                      else (tokenized[0][0], record.desirable))
     if problems:
@@ -235,8 +254,9 @@ class PreferencePlan:
     row (2i for chosen, 2i + 1 for rejected, offset by ``id_offset``) for the reference cache."""
 
     def __init__(self, items: Sequence, batch_size: int, seed: int, pad_id: int, shuffle: bool = True, id_offset: int = 0,
-                 share_prompt: bool = False, mask_dtype: torch.dtype = torch.float32):
+                 share_prompt: bool = False, mask_dtype: torch.dtype = torch.float32, pack_to: int | None = None):
         self.share_prompt = share_prompt
+        self.pack_to = pack_to if share_prompt else None  # several pairs per row, rows of at most this many tokens
         self.mask_dtype = mask_dtype
         self.items = list(items)
         self.batch_size = batch_size
@@ -258,7 +278,13 @@ class PreferencePlan:
 
     def collate(self, units: list[int]) -> dict[str, torch.Tensor]:
         chosen = [self.items[u] for u in units]
-        if isinstance(chosen[0], TokenizedPair) and self.share_prompt:
+        if isinstance(chosen[0], TokenizedPair) and self.pack_to:
+            rows = pack_pairs(chosen, self.pack_to)
+            units = [units[i] for row in rows for i in row]  # label_segments number the pairs row by row
+            batch = collate_pair_rows([[self.items[u] for u in row] for row in _split_like(units, rows)],
+                                      self.pad_id, self.mask_dtype)
+            ids = [2 * u for u in units] + [2 * u + 1 for u in units]
+        elif isinstance(chosen[0], TokenizedPair) and self.share_prompt:
             batch = collate_pairs_sharing_prompt(chosen, self.pad_id, self.mask_dtype)
             ids = [2 * u for u in units] + [2 * u + 1 for u in units]
         elif isinstance(chosen[0], TokenizedPair):
@@ -273,6 +299,15 @@ class PreferencePlan:
             ids = list(units)
         batch["example_ids"] = torch.tensor(ids) + self.id_offset
         return batch
+
+
+def _split_like(flat: list[int], rows: Sequence[Sequence[int]]) -> list[list[int]]:
+    """``flat`` cut into consecutive pieces as long as ``rows``' rows."""
+    pieces, start = [], 0
+    for row in rows:
+        pieces.append(flat[start:start + len(row)])
+        start += len(row)
+    return pieces
 
 
 def _splice(prompt_from: TokenizedExample, completion_from: TokenizedExample) -> TokenizedExample:
@@ -297,33 +332,77 @@ def shared_prompt_length(pair: TokenizedPair) -> int:
 
 
 def collate_pairs_sharing_prompt(pairs: Sequence[TokenizedPair], pad_id: int, mask_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One row per pair: [shared prompt | chosen's rest | rejected's rest], each answer attending to
-    the prompt and to itself only (collate.py's block mask), positions as if each were alone.
+    """One row per pair: [shared prompt | chosen's rest | rejected's rest] (see collate_pair_rows)."""
+    return collate_pair_rows([[pair] for pair in pairs], pad_id, mask_dtype)
 
-    ``label_segments`` (B, T) says whose label a position carries: 0 chosen, 1 rejected, -1 none."""
-    layouts = [(pair, shared_prompt_length(pair)) for pair in pairs]
-    length = max(k + (len(p.chosen) - k) + (len(p.rejected) - k) for p, k in layouts)
-    shape = (len(pairs), length)
+
+def pair_layout_length(pair: TokenizedPair) -> int:
+    """Tokens a pair takes in a row that holds its prompt once."""
+    shared = shared_prompt_length(pair)
+    return shared + (len(pair.chosen) - shared) + (len(pair.rejected) - shared)
+
+
+def pack_pairs(pairs: Sequence[TokenizedPair], max_seq_len: int) -> list[tuple[int, ...]]:
+    """Indices of ``pairs`` grouped into rows of at most ``max_seq_len`` tokens (best-fit-decreasing,
+    packing.py); a pair longer than that (each side fits, both together need not) gets a row alone."""
+    lengths = [pair_layout_length(p) for p in pairs]
+    return pack_examples(lengths, max(max_seq_len, max(lengths)))
+
+
+def collate_pair_rows(rows: Sequence[Sequence[TokenizedPair]], pad_id: int, mask_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Rows of one or more pairs, each pair laid out as [shared prompt | chosen's rest | rejected's
+    rest]: each answer attends to its own pair's prompt and to itself only, with positions as if it
+    were alone, so every answer's log-probs are those of its separate sequence.
+
+    The batch's pairs are numbered j = 0..P-1 row by row, in order. ``label_segments`` (B, T) says
+    whose label a position carries: j for pair j's chosen answer, P + j for its rejected one, -1 none,
+    matching the [chosen_1..chosen_P, rejected_1..rejected_P] order of the unshared layout."""
+    count = sum(len(row) for row in rows)
+    layouts = [[(pair, shared_prompt_length(pair)) for pair in row] for row in rows]
+    length = max(sum(k + (len(p.chosen) - k) + (len(p.rejected) - k) for p, k in row) for row in layouts)
+    shape = (len(rows), length)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)  # (B, T)
     position_ids = torch.zeros(shape, dtype=torch.long)  # (B, T)
     segment_ids = torch.full(shape, PADDING_SEGMENT, dtype=torch.long)  # (B, T)
+    prompt_segments = torch.full(shape, NO_PROMPT, dtype=torch.long)  # (B, T): the segment an answer token's prompt is
     label_segments = torch.full(shape, -1, dtype=torch.long)  # (B, T)
-    for row, (pair, k) in enumerate(layouts):
-        input_ids[row, :k] = torch.tensor(pair.chosen.input_ids[:k], dtype=torch.long)
-        position_ids[row, :k] = torch.arange(k)
-        segment_ids[row, :k] = SHARED_SEGMENT
-        start = k
-        for segment, side in enumerate((pair.chosen, pair.rejected)):
-            end = start + len(side) - k
-            input_ids[row, start:end] = torch.tensor(side.input_ids[k:], dtype=torch.long)
-            side_labels = torch.tensor(side.labels[k:], dtype=torch.long)
-            side_labels[0] = IGNORE_INDEX  # never predicted from the other segment (it is unlabelled anyway)
-            labels[row, start:end] = side_labels
-            label_segments[row, start:end] = torch.where(side_labels != IGNORE_INDEX, segment, -1)
-            position_ids[row, start:end] = torch.arange(k, len(side))
-            segment_ids[row, start:end] = segment
-            start = end
+    pair_index = 0
+    for row, layout in enumerate(layouts):
+        start = 0
+        for slot, (pair, k) in enumerate(layout):
+            prompt_segment = 3 * slot
+            input_ids[row, start:start + k] = torch.tensor(pair.chosen.input_ids[:k], dtype=torch.long)
+            position_ids[row, start:start + k] = torch.arange(k)
+            segment_ids[row, start:start + k] = prompt_segment
+            start += k
+            for side_index, side in enumerate((pair.chosen, pair.rejected)):
+                end = start + len(side) - k
+                input_ids[row, start:end] = torch.tensor(side.input_ids[k:], dtype=torch.long)
+                side_labels = torch.tensor(side.labels[k:], dtype=torch.long)
+                side_labels[0] = IGNORE_INDEX  # never predicted from the segment before it (it is unlabelled anyway)
+                labels[row, start:end] = side_labels
+                owner = pair_index + side_index * count
+                label_segments[row, start:end] = torch.where(side_labels != IGNORE_INDEX, owner, -1)
+                position_ids[row, start:end] = torch.arange(k, len(side))
+                segment_ids[row, start:end] = prompt_segment + 1 + side_index
+                prompt_segments[row, start:end] = prompt_segment
+                start = end
+            pair_index += 1
         position_ids[row, start:] = torch.arange(length - start)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "attention_mask": block_causal_mask(segment_ids, mask_dtype), "label_segments": label_segments}
+            "attention_mask": pair_block_mask(segment_ids, prompt_segments, mask_dtype), "label_segments": label_segments}
+
+
+NO_PROMPT = -3  # prompt_segments of a token that is not an answer's: matches no segment id
+
+
+def pair_block_mask(segment_ids: torch.Tensor, prompt_segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, T, T), as collate.block_causal_mask: query t may attend key s <= t of its
+    own segment, or of the prompt segment its answer belongs to (``prompt_segments``)."""
+    length = segment_ids.shape[1]
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    own_prompt = prompt_segments[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones((length, length), dtype=torch.bool).tril()  # (T, T)
+    allowed = ((same_segment | own_prompt) & causal)[:, None]  # (B, 1, T, T)
+    return torch.where(allowed, torch.zeros((), dtype=dtype), torch.tensor(torch.finfo(dtype).min, dtype=dtype))

@@ -303,17 +303,9 @@ class AdapterManager:
             raise kind(message) from None
 
     def _check_servable(self, name: str) -> None:
-        model_level = dict(model_adapters(self.model)).get(name)
-        if model_level is not None and not isinstance(model_level, VirtualPromptAdapter):
-            raise AdapterError(unservable_model_level(name, adapter_book(self.model).configs[name].method))
-        if any(name in copies.modules_to_save for _, copies in saved_module_copies(self.model)):
-            raise AdapterError(f"adapter '{name}' replaces whole modules (modules_to_save), which cannot differ per "
-                               "batch row; serve it merged (tuneforge merge) instead")
-        scaling = [layer_name for layer_name, layer in wrapped_layers(self.model)
-                   if name in layer.adapters and layer.adapters[name].modifies_input]
-        if scaling:
-            raise AdapterError(f"adapter '{name}' scales layer inputs ({scaling[0]}), which per-row batching does not "
-                               "support; serve it merged instead")
+        problem = per_row_problem(self.model, name)
+        if problem is not None:
+            raise AdapterError(problem)
 
     def _make_room(self) -> None:
         while True:
@@ -344,3 +336,20 @@ class AdapterManager:
     def _describe(entry: _Loaded) -> dict:
         return {"name": entry.name, "method": entry.method, "pinned": entry.pinned, "in_use": entry.users,
                 "draining": entry.draining}
+
+
+def per_row_problem(model: nn.Module, name: str) -> str | None:
+    """Why adapter ``name`` of ``model`` cannot be applied to one row of a batch (so cannot be
+    served beside others), or None when it can."""
+    model_level = dict(model_adapters(model)).get(name)
+    if model_level is not None and not isinstance(model_level, VirtualPromptAdapter):
+        return unservable_model_level(name, adapter_book(model).configs[name].method)
+    if any(name in copies.modules_to_save for _, copies in saved_module_copies(model)):
+        return (f"adapter '{name}' replaces whole modules (modules_to_save), which cannot differ per "
+                "batch row; serve it merged (tuneforge merge) instead")
+    scaling = [layer_name for layer_name, layer in wrapped_layers(model)
+               if name in layer.adapters and layer.adapters[name].modifies_input]
+    if scaling:
+        return (f"adapter '{name}' scales layer inputs ({scaling[0]}), which per-row batching does not "
+                "support; serve it merged instead")
+    return None

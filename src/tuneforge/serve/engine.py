@@ -92,6 +92,7 @@ class Completion:
     logprobs: tuple[float, ...] | None
     finish_reason: str
     prompt_tokens: int
+    stop_token_id: int | None = None  # the stop token that ended it (not in token_ids), if one did
 
     @property
     def completion_tokens(self) -> int:
@@ -175,6 +176,7 @@ class _Sequence:
         self._unsent_tokens: list[int] = []
         self._unsent_logprobs: list[float] = []
         self.finish_reason: str | None = None
+        self.stop_token_id: int | None = None
         self.error: GenerationFailedError | None = None
 
     @property
@@ -185,6 +187,7 @@ class _Sequence:
 
     def accept(self, token: int, logprob: float | None, tokenizer, stop_ids: set[int], max_length: int) -> None:
         if token in stop_ids and not self.params.ignore_eos:  # the end-of-turn token ends the reply, not part of it
+            self.stop_token_id = token
             self._finish("stop")
             return
         self.token_ids.append(token)
@@ -237,7 +240,7 @@ class _Sequence:
     def completion(self) -> Completion:
         logprobs = tuple(self.logprobs) if self.params.logprobs else None
         return Completion(self.text, tuple(self.generated), logprobs, self.finish_reason,
-                          len(self.handle.request.prompt_ids))
+                          len(self.handle.request.prompt_ids), self.stop_token_id)
 
 
 class Engine:

@@ -45,7 +45,7 @@ from tuneforge.train.checkpoint import (
 from tuneforge.train.compile import compile_decoder_layers, eager_only
 from tuneforge.train.data_setup import PreparedData, eval_source, prepare_data
 from tuneforge.train.full import FullWeights, is_full_finetune, save_full_model
-from tuneforge.train.metrics import MetricsLog, plot_loss_curve
+from tuneforge.train.metrics import MetricsLog, plot_loss_curve, plot_objective_metrics
 from tuneforge.train.nonfinite import NonFiniteGuard, StepOutcome, require_finite_adapter
 from tuneforge.train.objectives import Objective, build_objective
 from tuneforge.train.objectives.reference import start_from_init_adapter
@@ -190,6 +190,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     adapter_dir = (_save_final_model(model, tokenizer, run_dir) if full else _save_final_adapter(model, run_dir, config))
     discard_replaced_runs(run_dir)
     plot_loss_curve(run_dir)
+    plot_objective_metrics(run_dir)  # preference/reward metrics (no file for SFT)
     summary = RunSummary(
         run_dir=run_dir, adapter_dir=adapter_dir, steps=state.step, train_seconds=train_seconds,
         tokens_per_second=(state.tokens_seen - tokens_at_start) / max(step_seconds, 1e-9),

@@ -10,6 +10,15 @@ from tuneforge.fileio import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss_curve.png"
+OBJECTIVE_PLOT_FILE = "objective_metrics.png"
+# The preference and reward objectives' metrics, one panel each where a run logged them.
+OBJECTIVE_PANELS = (
+    ("implicit rewards (beta-scaled log-ratios)", ("reward_chosen", "reward_rejected", "reward_desirable", "reward_undesirable")),
+    ("reward margin (chosen - rejected)", ("reward_margin",)),
+    ("preference accuracy", ("preference_accuracy",)),
+    ("mean reward (GRPO; eval: greedy replies)", ("reward",)),
+    ("KL to the reference", ("kl",)),
+)
 
 
 class MetricsLog:
@@ -108,6 +117,43 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     axis.legend(handles, labels)
     figure.tight_layout()
     path = run_dir / PLOT_FILE
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
+    return path
+
+
+def plot_objective_metrics(run_dir: Path) -> Path | None:
+    """One panel per preference/reward metric family the run logged (train lines, and held-out
+    ``eval_`` values where measured) against the optimizer step; None for runs without any (SFT)."""
+    records = read_metrics(run_dir / METRICS_FILE)
+    panels = []
+    for title, keys in OBJECTIVE_PANELS:
+        lines = []
+        for key in keys:
+            for name, label in ((key, f"train {key}"), (f"eval_{key}", f"eval {key}")):
+                points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
+                if points:
+                    lines.append((label, points))
+        if lines:
+            panels.append((title, lines))
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), dpi=110, sharex=True, squeeze=False)
+    for axis, (title, lines) in zip(axes[:, 0], panels):
+        for label, points in lines:
+            axis.plot(*zip(*points), label=label, marker="o" if label.startswith("eval") else None, linewidth=1.3)
+        axis.set_title(title, fontsize=10)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    axes[-1, 0].set_xlabel("optimizer step")
+    figure.suptitle(f"tuneforge run: {run_dir.name}")
+    figure.tight_layout()
+    path = run_dir / OBJECTIVE_PLOT_FILE
     atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
     return path

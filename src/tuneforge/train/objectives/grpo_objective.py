@@ -1,5 +1,6 @@
 """GRPO inside the training loop: each micro-batch of prompts is sampled G times with the current
-adapter, scored by a verifiable reward, and turned into the clipped, KL-regularised loss of grpo.py.
+adapter (by tuneforge's serving engine, grpo_sampling.py), scored by a verifiable reward, and turned
+into the clipped, KL-regularised loss of grpo.py.
 
 One gradient step per generation (the paper's iteration count of 1), so pi_old is the policy that
 sampled: the ratio is 1 in value while its gradient is the policy gradient. The reference is the
@@ -22,9 +23,10 @@ from tuneforge.data.loading import _apply_bad_record_policy
 from tuneforge.data.preference import PreferencePlan
 from tuneforge.data.tokenization import IGNORE_INDEX, TokenizedExample, encode_prompt
 from tuneforge.errors import DataError
-from tuneforge.eval.generation import gold_answer, left_pad, padding_id, stop_token_ids, until_stop
+from tuneforge.eval.generation import gold_answer, left_pad
 from tuneforge.train.data_setup import PreparedData, eval_source
 from tuneforge.train.objectives.grpo import group_advantages, grpo_loss
+from tuneforge.train.objectives.grpo_sampling import PolicySampler
 from tuneforge.train.objectives.logprobs import token_logprobs
 from tuneforge.train.objectives.reference import Reference
 from tuneforge.train.objectives.rewards import resolve_reward, safe_rewards
@@ -43,6 +45,8 @@ class GrpoObjective:
         self.group_size = self.training.grpo_group_size
         self.reward_fn = resolve_reward(self.training.grpo_reward)
         self.failures_reported = False
+        self.sampler = PolicySampler(tokenizer, reference.policy_adapter, config.data.template,
+                                     self.training.grpo_max_new_tokens, self.training.grpo_temperature)
 
     def units(self, batch):
         return int(batch["input_ids"].shape[0])  # prompts
@@ -63,28 +67,9 @@ class GrpoObjective:
                                   "kl": float(kl.detach().view(-1, self.group_size).mean(dim=1).sum()),
                                   "reward_failures": float(failed)}
 
-    @torch.no_grad()
     def sample(self, model: nn.Module, prompts: list[list[int]], greedy: bool) -> list[list[int]]:
         """G completions per prompt (one when greedy), each ending with its stop token if it stopped."""
-        stop_ids = stop_token_ids(model, self.tokenizer)
-        pad_id = padding_id(model, self.tokenizer, stop_ids)
-        repeated = prompts if greedy else [p for p in prompts for _ in range(self.group_size)]
-        input_ids, attention_mask = left_pad(repeated, pad_id)
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            sampling = dict(do_sample=False, temperature=None) if greedy else dict(do_sample=True, temperature=self.training.grpo_temperature)
-            output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                    max_new_tokens=self.training.grpo_max_new_tokens, pad_token_id=pad_id,
-                                    eos_token_id=list(stop_ids), top_p=None, top_k=None, **sampling)
-        finally:
-            model.train(was_training)
-        completions = []
-        for ids in output[:, input_ids.shape[1]:].tolist():
-            kept = until_stop(ids, stop_ids)
-            completions.append(kept + ids[len(kept):len(kept) + 1])  # the stop token is trained too: it ends the answer
-        return completions
+        return self.sampler.sample(model, prompts, 1 if greedy else self.group_size, greedy)
 
     def score(self, completions: list[list[int]], answers: list[str]) -> tuple[torch.Tensor, int]:
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completions]

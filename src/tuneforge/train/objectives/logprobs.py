@@ -54,12 +54,15 @@ def _chunk_logprobs(head: nn.Module, chunk: torch.Tensor, targets: torch.Tensor,
 
 def pair_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probs (2P,), labelled tokens (2P,)) as [chosen_1..chosen_P, rejected_1..rejected_P],
-    from either pair layout: 2P padded rows, or P rows holding the shared prompt once
-    (``label_segments``, see data/preference.py)."""
+    from either pair layout: 2P padded rows, or rows holding each pair's prompt once, one or several
+    pairs per row (``label_segments`` numbers each labelled position's answer, see data/preference.py)."""
     if "label_segments" not in batch:
         return sequence_logprobs(model, batch, chunk_size)
     logprobs, _ = token_logprobs(model, batch, chunk_size)
-    segments = batch["label_segments"][:, 1:]  # (P, T-1), aligned with the predictions
-    sums = [(logprobs * (segments == side)).sum(dim=1) for side in (0, 1)]
-    counts = [(segments == side).sum(dim=1) for side in (0, 1)]
-    return torch.cat(sums), torch.cat(counts)
+    segments = batch["label_segments"][:, 1:]  # (B, T-1), aligned with the predictions
+    answers = int(batch["example_ids"].numel())  # 2P
+    labelled = segments >= 0
+    owners = segments[labelled]  # (N,)
+    sums = logprobs.new_zeros(answers).index_add(0, owners, logprobs[labelled])
+    counts = torch.zeros(answers, dtype=torch.long, device=owners.device).index_add(0, owners, torch.ones_like(owners))
+    return sums, counts
