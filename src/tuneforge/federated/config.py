@@ -3,7 +3,7 @@
     federated:
       clients: 4          # SuperNodes, one data partition each
       rounds: 5
-      method: fedavg      # fedavg | ffa-lora
+      method: fedavg      # fedavg | ffa-lora | fedkseed
       partition: dirichlet
       alpha: 0.5          # Dirichlet concentration: small = each client sees few tasks/labels
       label_by: task      # what the Dirichlet split is over: task (the source dataset) or answer
@@ -40,8 +40,10 @@ class FederatedSettings(BaseModel):
 
     clients: int = Field(2, ge=1, description="number of clients (SuperNodes), one data partition each")
     rounds: int = Field(2, ge=1, description="federated rounds")
-    method: Literal["fedavg", "ffa-lora"] = Field(
-        "fedavg", description="fedavg: average every adapter tensor; ffa-lora: A frozen and shared, only B sent")
+    method: Literal["fedavg", "ffa-lora", "fedkseed"] = Field(
+        "fedavg", description="fedavg: average every adapter tensor; ffa-lora: A frozen and shared, only B sent; "
+                              "fedkseed: zeroth-order full finetuning, clients send (seed, scalar) pairs")
+    seeds: int = Field(4096, ge=1, le=2**31 - 1, description="fedkseed: K, the candidate seeds shared by all parties")
     partition: Literal["iid", "dirichlet"] = Field("iid", description="how examples are split among clients")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition: dirichlet)")
     label_by: Literal["task", "answer"] = Field(
@@ -86,4 +88,25 @@ def parse_federated_config(data: dict[str, Any], source: str = "config") -> tupl
     if settings.method == "ffa-lora" and train_config.adapter.method != "lora-fa":
         raise ConfigError(f"{source}: federated.method=ffa-lora trains B only with A frozen and shared; "
                           f"set adapter.method: lora-fa (found {train_config.adapter.method!r})")
+    if settings.method == "fedkseed":
+        _check_fedkseed(train_config, settings, source)
     return train_config, settings
+
+
+def _check_fedkseed(config: TrainConfig, settings: FederatedSettings, source: str) -> None:
+    """FedKSeed's replay is exact only for plain MeZO steps on the full weights (federated/fedkseed.py)."""
+    problems = []
+    if config.adapter.method != "full":
+        problems.append(f"adapter.method={config.adapter.method!r}: FedKSeed tunes the model's own weights, "
+                        "which every party loads identically; set adapter.method: full")
+    if config.update_rule.method != "mezo":
+        problems.append(f"update_rule.method={config.update_rule.method!r}: FedKSeed's local steps are MeZO's; "
+                        "set update_rule.method: mezo")
+    if config.training.weight_decay:
+        problems.append(f"training.weight_decay={config.training.weight_decay}: decay makes the steps non-linear "
+                        "in the perturbations, so the seeds could not be replayed; set it to 0")
+    if settings.compress_density is not None or settings.privacy is not None:
+        problems.append("federated.compress_density and federated.privacy act on tensor updates; a FedKSeed "
+                        "upload is (seed, scalar) pairs: leave both unset")
+    if problems:
+        raise ConfigError(f"{source}: federated.method=fedkseed needs:\n" + "\n".join(f"  {p}" for p in problems))
