@@ -28,7 +28,7 @@ from tuneforge.adapters.peft_format import fill_adapter_weights
 from tuneforge.config.overrides import load_config_file
 from tuneforge.config.schema import TrainConfig
 from tuneforge.errors import ConfigError
-from tuneforge.federated import fedkseed
+from tuneforge.federated import fedkseed, slora
 from tuneforge.federated.config import FederatedSettings, PrivacySettings, parse_federated_config
 from tuneforge.federated.data import client_train_config, global_eval_config, local_data_config
 from tuneforge.federated.updates import (
@@ -355,9 +355,35 @@ def server_main(grid: Grid, context: Context) -> None:
     config_path = str(context.run_config["config"])
     results_path = Path(str(context.run_config["results"]))
     raw = load_config_file(config_path)
-    config, settings = parse_federated_config(raw, config_path)
-    model, tokenizer, eval_batches, eval_examples, initial, keys = _server_model(config, settings,
-                                                                                 results_path.parent / "global")
+    _, settings = parse_federated_config(raw, config_path)
+    workdir = results_path.parent / "global"
+    report = {"method": settings.method, "clients": settings.clients, "global_eval_loss": {},
+              "global_exact_match": {}, "rounds": {}}
+    if settings.method == "slora":
+        sparse_rounds = settings.slora_sparse_rounds
+        sparse = _run_stage(grid, slora.sparse_stage_config(raw, settings.slora_density, settings.seed), sparse_rounds,
+                            workdir, report, config_path)
+
+        def svd_init(model: torch.nn.Module) -> dict[str, np.ndarray]:
+            return slora.svd_lora_init(sparse, state_arrays(model, ADAPTER_NAME), slora.lora_scalings(model, ADAPTER_NAME))
+
+        final = _run_stage(grid, slora.lora_stage_config(raw), settings.rounds - sparse_rounds, workdir, report,
+                           config_path, round_offset=sparse_rounds, initial_from=svd_init)
+    else:
+        final = _run_stage(grid, raw, settings.rounds, workdir, report, config_path)
+    np.savez(results_path.parent / "global_adapter.npz", **final)
+    atomic_write_json(results_path, report)
+
+
+def _run_stage(grid: Grid, raw: dict, rounds: int, workdir: Path, report: dict, source: str, *, round_offset: int = 0,
+               initial_from=None) -> dict[str, np.ndarray]:
+    """``rounds`` Flower rounds of the federation ``raw`` describes, recorded in ``report`` as rounds
+    ``round_offset + 1...``; returns the final global arrays. ``initial_from(model)`` replaces the
+    round-0 arrays (SLoRA's SVD initialisation)."""
+    config, settings = parse_federated_config(raw, source)
+    model, tokenizer, eval_batches, eval_examples, initial, keys = _server_model(config, settings, workdir)
+    if initial_from is not None:
+        initial = initial_from(model)
     common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=settings.clients,
                   min_train_nodes=settings.required_replies(), min_evaluate_nodes=settings.required_replies())
     if settings.method == "fedkseed":
@@ -366,8 +392,6 @@ def server_main(grid: Grid, context: Context) -> None:
     else:
         strategy = ScreenedFedAvg(expected={k: initial[k].shape for k in keys}, privacy=settings.privacy,
                                   compressed=settings.compress_density is not None, **common)
-    global_eval: dict[int, float] = {}
-    global_accuracy: dict[int, float] = {}
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if not eval_batches:
@@ -378,26 +402,29 @@ def server_main(grid: Grid, context: Context) -> None:
             replayed.materialise(from_record(arrays)[fedkseed.COEFFICIENTS])
         else:
             fill_adapter_weights(model, ADAPTER_NAME, as_tensors(from_record(arrays)), GLOBAL_ADAPTER)
-        global_eval[server_round] = evaluate_loss(model, eval_batches, config.training.precision,
-                                                  config.training.loss_chunk_size)
-        metrics = {"eval-loss": global_eval[server_round]}
+        metrics = {"eval-loss": evaluate_loss(model, eval_batches, config.training.precision,
+                                              config.training.loss_chunk_size)}
         scored = [e for e in eval_examples[: settings.accuracy_examples] if e.answer is not None]
         if scored:
             from tuneforge.eval.generation import score_generation
 
             score = score_generation(model, tokenizer, scored, template=config.data.template, progress=False)
-            global_accuracy[server_round] = metrics["exact-match"] = score.exact_match
+            metrics["exact-match"] = score.exact_match
+        if server_round == 0 and round_offset:  # a later stage's start (SLoRA: the SVD-initialised LoRA)
+            report.setdefault("stage_start", {})[str(round_offset)] = metrics
+        else:
+            report["global_eval_loss"][str(round_offset + server_round)] = metrics["eval-loss"]
+            if "exact-match" in metrics:
+                report["global_exact_match"][str(round_offset + server_round)] = metrics["exact-match"]
         return MetricRecord(metrics)
 
     sent = ConfigRecord({"tuneforge-config": json.dumps(raw)})
-    result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=settings.rounds,
+    result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=rounds,
                             timeout=settings.round_timeout_s, train_config=sent, evaluate_config=sent,
                             evaluate_fn=evaluate_global)
-    final = from_record(result.arrays)
-    np.savez(results_path.parent / "global_adapter.npz", **final)
-    atomic_write_json(results_path, {"method": settings.method, "clients": settings.clients,
-                                     "global_eval_loss": global_eval,
-                                     "global_exact_match": global_accuracy, "rounds": strategy.rounds})
+    for server_round, record in strategy.rounds.items():
+        report["rounds"][str(round_offset + server_round)] = record
+    return from_record(result.arrays)
 
 
 def _server_model(config: TrainConfig, settings: FederatedSettings, workdir: Path):

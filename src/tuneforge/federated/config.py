@@ -40,9 +40,12 @@ class FederatedSettings(BaseModel):
 
     clients: int = Field(2, ge=1, description="number of clients (SuperNodes), one data partition each")
     rounds: int = Field(2, ge=1, description="federated rounds")
-    method: Literal["fedavg", "ffa-lora", "fedkseed"] = Field(
+    method: Literal["fedavg", "ffa-lora", "fedkseed", "slora"] = Field(
         "fedavg", description="fedavg: average every adapter tensor; ffa-lora: A frozen and shared, only B sent; "
-                              "fedkseed: zeroth-order full finetuning, clients send (seed, scalar) pairs")
+                              "fedkseed: zeroth-order full finetuning, clients send (seed, scalar) pairs; "
+                              "slora: a sparse warm-up, then LoRA initialised by SVD of its update")
+    slora_sparse_rounds: int = Field(1, ge=1, description="slora: rounds of the sparse stage (out of rounds)")
+    slora_density: float = Field(0.01, gt=0, le=1, description="slora: fraction of each target weight trained in stage 1")
     seeds: int = Field(4096, ge=1, le=2**31 - 1, description="fedkseed: K, the candidate seeds shared by all parties")
     partition: Literal["iid", "dirichlet"] = Field("iid", description="how examples are split among clients")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition: dirichlet)")
@@ -90,6 +93,13 @@ def parse_federated_config(data: dict[str, Any], source: str = "config") -> tupl
                           f"set adapter.method: lora-fa (found {train_config.adapter.method!r})")
     if settings.method == "fedkseed":
         _check_fedkseed(train_config, settings, source)
+    if settings.method == "slora":
+        if train_config.adapter.method != "lora":
+            raise ConfigError(f"{source}: federated.method=slora initialises a LoRA by SVD in its second stage; set "
+                              f"adapter.method: lora (found {train_config.adapter.method!r})")
+        if settings.rounds <= settings.slora_sparse_rounds:
+            raise ConfigError(f"{source}: federated.rounds={settings.rounds} leaves no LoRA round after "
+                              f"federated.slora_sparse_rounds={settings.slora_sparse_rounds}: raise rounds above it")
     return train_config, settings
 
 
