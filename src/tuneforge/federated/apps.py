@@ -371,6 +371,12 @@ def server_main(grid: Grid, context: Context) -> None:
                            config_path, round_offset=sparse_rounds, initial_from=svd_init)
     else:
         final = _run_stage(grid, raw, settings.rounds, workdir, report, config_path)
+    if settings.privacy is not None:
+        from tuneforge.federated.accounting import privacy_report
+
+        trained_rounds = sum(1 for record in report["rounds"].values() if record.get("clients"))
+        report["privacy"] = privacy_report(settings.privacy.clipping_norm, settings.privacy.noise_multiplier,
+                                           settings.privacy.delta, trained_rounds)
     np.savez(results_path.parent / "global_adapter.npz", **final)
     atomic_write_json(results_path, report)
 

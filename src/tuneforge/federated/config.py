@@ -33,6 +33,7 @@ class PrivacySettings(BaseModel):
 
     clipping_norm: float = Field(..., gt=0, description="L2 bound of one client's update")
     noise_multiplier: float = Field(..., ge=0, description="noise std in units of clipping_norm / clients")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee the run reports (federated/accounting.py)")
 
 
 class FederatedSettings(BaseModel):
