@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import yaml
 
 from tuneforge.cli import main
@@ -59,3 +61,15 @@ def test_results_table_has_a_row_per_round_and_round_zero(capsys):
     assert len(lines) == 2
     assert "3.0000" in lines[0] and "│ -" in lines[0]
     assert all(cell in lines[1] for cell in ("2.5000", "0.2500", "2.5000", "200", "50"))
+
+
+def test_caption_totals_the_bytes_and_reports_privacy():
+    from tuneforge.federated.accounting import privacy_report
+    from tuneforge.federated.command import run_caption
+
+    rounds = {"1": {"up_bytes": {"a": 100, "b": 300}, "down_bytes": {"a": 50, "b": 50}},
+              "2": {"up_bytes": {"a": 7}, "down_bytes": {"a": 5, "b": 5}}}
+    caption = run_caption({"rounds": rounds, "privacy": privacy_report(1.5, 1.0, 1e-5, 2)})
+    assert "407 bytes up, 110 bytes down" in caption
+    epsilon = 2 / 2 + (2 * 2 * math.log(1e5)) ** 0.5  # T/(2σ²) + √(2T·log(1/δ))/σ at σ = 1, T = 2
+    assert "clipping norm 1.5" in caption and f"ε = {epsilon:.2f}" in caption

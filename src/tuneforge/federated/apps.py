@@ -28,6 +28,7 @@ from tuneforge.adapters.peft_format import fill_adapter_weights
 from tuneforge.config.overrides import load_config_file
 from tuneforge.config.schema import TrainConfig
 from tuneforge.errors import ConfigError
+from tuneforge.federated import fedkseed, slora
 from tuneforge.federated.config import FederatedSettings, PrivacySettings, parse_federated_config
 from tuneforge.federated.data import client_train_config, global_eval_config, local_data_config
 from tuneforge.federated.updates import (
@@ -40,6 +41,7 @@ from tuneforge.federated.updates import (
 )
 from tuneforge.fileio import atomic_write_json
 from tuneforge.train.data_setup import load_split
+from tuneforge.train.update_rules.base import trainable_params
 
 ADAPTER_NAME = "default"  # the name tuneforge.train gives the adapter it trains
 GLOBAL_ADAPTER = Path("<global adapter>")  # how load errors name the server's arrays
@@ -85,6 +87,8 @@ def client_train(msg: Message, context: Context) -> Message:
     seed = config.training.seed + 1000 * round_number + partition_id
     training = client_config.training.model_copy(update={"seed": seed})
     client_config = client_config.model_copy(update={"training": training})
+    if settings.method == "fedkseed":
+        return _seed_client_train(msg, client_config, settings, partition_id)
     global_state = as_tensors(from_record(msg.content["arrays"]))
     trained = {}
 
@@ -103,12 +107,38 @@ def client_train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"arrays": to_record(update), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
+def _seed_client_train(msg: Message, client_config: TrainConfig, settings: FederatedSettings,
+                       partition_id: int) -> Message:
+    """FedKSeed: rebuild the global model from the sent seed coefficients, take MeZO steps on seeds
+    drawn from the shared candidates, and send back only the (seed index, scalar) pairs."""
+    from tuneforge.train import train
+
+    coefficients = from_record(msg.content["arrays"])[fedkseed.COEFFICIENTS]
+    seeds = fedkseed.candidate_seeds(settings.seed, settings.seeds)
+    draws = np.random.default_rng([client_config.training.seed, partition_id])
+    built = {}
+
+    def start_from_global(model: torch.nn.Module) -> None:
+        fedkseed.replay(trainable_params(model), seeds, coefficients)
+
+    def seed_rule(model, config, full_finetune):
+        built["rule"] = fedkseed.CandidateSeedSPSA(model, config, seeds, draws)
+        return built["rule"]
+
+    summary = train(client_config, overwrite=True, prepare_adapter=start_from_global, make_update_rule=seed_rule)
+    examples = len(load_split(client_config, client_config.data.train, "train")[0])
+    metrics = {"num-examples": examples, "train-loss": float(summary.final_train_loss or 0.0),
+               "partition-id": partition_id}
+    return Message(RecordDict({"arrays": to_record(built["rule"].upload()), "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
 @client_app.evaluate()
 def client_evaluate(msg: Message, context: Context) -> Message:
     config, settings, _ = _sent_config(msg)
     partition_id = _partition_id(context, settings)
     client_config = _client_config(config, settings, context, partition_id)
-    loss, count = _evaluate(client_config, from_record(msg.content["arrays"]))
+    loss, count = _evaluate(client_config, settings, from_record(msg.content["arrays"]))
     metrics = {"num-examples": count, "eval-loss": loss, "partition-id": partition_id}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -148,20 +178,43 @@ def _client_workdir(context: Context, partition_id: int) -> Path:
     return base / f"client-{partition_id}"
 
 
-def _evaluate(config: TrainConfig, arrays: dict[str, np.ndarray]) -> tuple[float, int]:
-    """Mean eval loss per labelled token of the adapter ``arrays`` on ``config``'s eval data."""
+def _evaluate(config: TrainConfig, settings: FederatedSettings, arrays: dict[str, np.ndarray]) -> tuple[float, int]:
+    """Mean eval loss per labelled token of the global model ``arrays`` stand for on ``config``'s eval data."""
     from tuneforge.eval.loss import evaluate_loss
-    from tuneforge.models import load_model
     from tuneforge.train.data_setup import prepare_data
 
-    loaded = load_model(config.model, dtype=config.dtype, device="cpu")
-    add_adapter(loaded.model, config.adapter, ADAPTER_NAME)
-    fill_adapter_weights(loaded.model, ADAPTER_NAME, as_tensors(arrays), GLOBAL_ADAPTER)
+    loaded = _global_model(config, settings)
+    _load_global(loaded.model, settings, arrays)
     data = prepare_data(config, loaded.tokenizer)
     if not data.eval_batches:
         return float("nan"), 0
     loss = evaluate_loss(loaded.model, data.eval_batches, config.training.precision, config.training.loss_chunk_size)
     return loss, len(data.eval_examples)
+
+
+def _global_model(config: TrainConfig, settings: FederatedSettings):
+    """The base model on the training device, with the adapter at its seeded init (FedAvg, FFA-LoRA) or,
+    for FedKSeed, the trainable weights of a full finetune selected (the seeds replay onto those)."""
+    from tuneforge.models import load_model
+    from tuneforge.train.full import select_trainable
+    from tuneforge.train.strategy import resolve_device
+
+    loaded = load_model(config.model, dtype=config.dtype, device=str(resolve_device(config.device)))
+    if settings.method == "fedkseed":
+        select_trainable(loaded.model, config.adapter)
+    else:
+        torch.manual_seed(config.training.seed)  # the same init a lone tuneforge.train run would start from
+        add_adapter(loaded.model, config.adapter, ADAPTER_NAME)
+    return loaded
+
+
+def _load_global(model: torch.nn.Module, settings: FederatedSettings, arrays: dict[str, np.ndarray]) -> None:
+    """Put the global model ``arrays`` stand for into ``model`` (built by ``_global_model``)."""
+    if settings.method == "fedkseed":
+        seeds = fedkseed.candidate_seeds(settings.seed, settings.seeds)
+        fedkseed.replay(trainable_params(model), seeds, arrays[fedkseed.COEFFICIENTS])
+    else:
+        fill_adapter_weights(model, ADAPTER_NAME, as_tensors(arrays), GLOBAL_ADAPTER)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,12 +266,16 @@ class ScreenedFedAvg(FedAvg):
         if len(accepted) < self.min_train_nodes:
             raise RuntimeError(f"round {server_round}: only {len(accepted)} usable update(s), "
                                f"federated.min_clients={self.min_train_nodes} needed")
+        return to_record(self._combine(accepted, weights, record)), MetricRecord({"clients-averaged": len(accepted)})
+
+    def _combine(self, accepted: list[dict[str, np.ndarray]], weights: list[float], record: dict) -> dict:
+        """The next global arrays from the accepted updates (the keys no client sends are kept)."""
         merged = dict(self.global_arrays)
         if self.privacy is None:
             merged.update(weighted_average(accepted, weights))
         else:
             merged.update(self._private_average(accepted, record))
-        return to_record(merged), MetricRecord({"clients-averaged": len(accepted)})
+        return merged
 
     def _decoded(self, content: RecordDict) -> tuple[str | None, dict[str, np.ndarray] | None]:
         """(why the reply is unusable, None) or (None, the tensors it stands for)."""
@@ -260,6 +317,27 @@ class ScreenedFedAvg(FedAvg):
         return None
 
 
+class SeedReplayStrategy(ScreenedFedAvg):
+    """FedKSeed's server: the global arrays are the K seed coefficients c; each accepted upload of
+    (seed index, projected gradient, lr) entries is added into c with its FedAvg weight
+    (``fedkseed.accumulate``); a malformed upload is rejected like any other."""
+
+    def __init__(self, *, seed_count: int, n_spsa: int, **kwargs):
+        super().__init__(expected={}, **kwargs)
+        self.seed_count, self.n_spsa = seed_count, n_spsa
+
+    def _decoded(self, content: RecordDict) -> tuple[str | None, dict[str, np.ndarray] | None]:
+        problem = _reply_problem(content)
+        if problem is not None:
+            return problem, None
+        upload = from_record(content["arrays"])
+        return fedkseed.upload_problem(upload, self.seed_count), upload
+
+    def _combine(self, accepted: list[dict[str, np.ndarray]], weights: list[float], record: dict) -> dict:
+        coefficients = self.global_arrays[fedkseed.COEFFICIENTS]
+        return {fedkseed.COEFFICIENTS: fedkseed.accumulate(coefficients, accepted, weights, self.n_spsa)}
+
+
 def _reply_problem(content: RecordDict) -> str | None:
     if "arrays" not in content.array_records or "metrics" not in content.metric_records:
         return "the reply has no `arrays` ArrayRecord or no `metrics` MetricRecord"
@@ -277,54 +355,94 @@ def server_main(grid: Grid, context: Context) -> None:
     config_path = str(context.run_config["config"])
     results_path = Path(str(context.run_config["results"]))
     raw = load_config_file(config_path)
-    config, settings = parse_federated_config(raw, config_path)
-    model, tokenizer, eval_batches, eval_examples, initial, keys = _server_model(config, settings,
-                                                                                 results_path.parent / "global")
-    strategy = ScreenedFedAvg(expected={k: initial[k].shape for k in keys}, fraction_train=1.0, fraction_evaluate=1.0,
-                              min_available_nodes=settings.clients, min_train_nodes=settings.required_replies(),
-                              min_evaluate_nodes=settings.required_replies(), privacy=settings.privacy,
-                              compressed=settings.compress_density is not None)
-    global_eval: dict[int, float] = {}
-    global_accuracy: dict[int, float] = {}
+    _, settings = parse_federated_config(raw, config_path)
+    workdir = results_path.parent / "global"
+    report = {"method": settings.method, "clients": settings.clients, "global_eval_loss": {},
+              "global_exact_match": {}, "rounds": {}}
+    if settings.method == "slora":
+        sparse_rounds = settings.slora_sparse_rounds
+        sparse = _run_stage(grid, slora.sparse_stage_config(raw, settings.slora_density, settings.seed), sparse_rounds,
+                            workdir, report, config_path)
+
+        def svd_init(model: torch.nn.Module) -> dict[str, np.ndarray]:
+            return slora.svd_lora_init(sparse, state_arrays(model, ADAPTER_NAME), slora.lora_scalings(model, ADAPTER_NAME))
+
+        final = _run_stage(grid, slora.lora_stage_config(raw), settings.rounds - sparse_rounds, workdir, report,
+                           config_path, round_offset=sparse_rounds, initial_from=svd_init)
+    else:
+        final = _run_stage(grid, raw, settings.rounds, workdir, report, config_path)
+    if settings.privacy is not None:
+        from tuneforge.federated.accounting import privacy_report
+
+        trained_rounds = sum(1 for record in report["rounds"].values() if record.get("clients"))
+        report["privacy"] = privacy_report(settings.privacy.clipping_norm, settings.privacy.noise_multiplier,
+                                           settings.privacy.delta, trained_rounds)
+    np.savez(results_path.parent / "global_adapter.npz", **final)
+    atomic_write_json(results_path, report)
+
+
+def _run_stage(grid: Grid, raw: dict, rounds: int, workdir: Path, report: dict, source: str, *, round_offset: int = 0,
+               initial_from=None) -> dict[str, np.ndarray]:
+    """``rounds`` Flower rounds of the federation ``raw`` describes, recorded in ``report`` as rounds
+    ``round_offset + 1...``; returns the final global arrays. ``initial_from(model)`` replaces the
+    round-0 arrays (SLoRA's SVD initialisation)."""
+    config, settings = parse_federated_config(raw, source)
+    model, tokenizer, eval_batches, eval_examples, initial, keys = _server_model(config, settings, workdir)
+    if initial_from is not None:
+        initial = initial_from(model)
+    common = dict(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=settings.clients,
+                  min_train_nodes=settings.required_replies(), min_evaluate_nodes=settings.required_replies())
+    if settings.method == "fedkseed":
+        strategy = SeedReplayStrategy(seed_count=settings.seeds, n_spsa=config.update_rule.n_spsa, **common)
+        replayed = fedkseed.GlobalModel(model, fedkseed.candidate_seeds(settings.seed, settings.seeds))
+    else:
+        strategy = ScreenedFedAvg(expected={k: initial[k].shape for k in keys}, privacy=settings.privacy,
+                                  compressed=settings.compress_density is not None, **common)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if not eval_batches:
             return None
         from tuneforge.eval.loss import evaluate_loss
 
-        fill_adapter_weights(model, ADAPTER_NAME, as_tensors(from_record(arrays)), GLOBAL_ADAPTER)
-        global_eval[server_round] = evaluate_loss(model, eval_batches, config.training.precision,
-                                                  config.training.loss_chunk_size)
-        metrics = {"eval-loss": global_eval[server_round]}
+        if settings.method == "fedkseed":
+            replayed.materialise(from_record(arrays)[fedkseed.COEFFICIENTS])
+        else:
+            fill_adapter_weights(model, ADAPTER_NAME, as_tensors(from_record(arrays)), GLOBAL_ADAPTER)
+        metrics = {"eval-loss": evaluate_loss(model, eval_batches, config.training.precision,
+                                              config.training.loss_chunk_size)}
         scored = [e for e in eval_examples[: settings.accuracy_examples] if e.answer is not None]
         if scored:
             from tuneforge.eval.generation import score_generation
 
             score = score_generation(model, tokenizer, scored, template=config.data.template, progress=False)
-            global_accuracy[server_round] = metrics["exact-match"] = score.exact_match
+            metrics["exact-match"] = score.exact_match
+        if server_round == 0 and round_offset:  # a later stage's start (SLoRA: the SVD-initialised LoRA)
+            report.setdefault("stage_start", {})[str(round_offset)] = metrics
+        else:
+            report["global_eval_loss"][str(round_offset + server_round)] = metrics["eval-loss"]
+            if "exact-match" in metrics:
+                report["global_exact_match"][str(round_offset + server_round)] = metrics["exact-match"]
         return MetricRecord(metrics)
 
     sent = ConfigRecord({"tuneforge-config": json.dumps(raw)})
-    result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=settings.rounds,
+    result = strategy.start(grid=grid, initial_arrays=to_record(initial), num_rounds=rounds,
                             timeout=settings.round_timeout_s, train_config=sent, evaluate_config=sent,
                             evaluate_fn=evaluate_global)
-    final = from_record(result.arrays)
-    np.savez(results_path.parent / "global_adapter.npz", **final)
-    atomic_write_json(results_path, {"method": settings.method, "clients": settings.clients,
-                                     "global_eval_loss": global_eval,
-                                     "global_exact_match": global_accuracy, "rounds": strategy.rounds})
+    for server_round, record in strategy.rounds.items():
+        report["rounds"][str(round_offset + server_round)] = record
+    return from_record(result.arrays)
 
 
 def _server_model(config: TrainConfig, settings: FederatedSettings, workdir: Path):
-    """The base model with the adapter at its seeded init (the round-0 global adapter), and the union
-    eval batches the global model is scored on each round."""
-    from tuneforge.models import load_model
+    """The round-0 global model and arrays (the adapter at its seeded init; for FedKSeed, all seed
+    coefficients zero), and the union eval batches the global model is scored on each round."""
     from tuneforge.train.data_setup import prepare_data
 
-    loaded = load_model(config.model, dtype=config.dtype, device="cpu")
-    torch.manual_seed(config.training.seed)  # the same init a lone tuneforge.train run would start from
-    add_adapter(loaded.model, config.adapter, ADAPTER_NAME)
+    loaded = _global_model(config, settings)
     eval_config, eval_examples = global_eval_config(config, settings, workdir)
     eval_batches = prepare_data(eval_config, loaded.tokenizer).eval_batches if eval_config else []
+    if settings.method == "fedkseed":
+        initial = {fedkseed.COEFFICIENTS: np.zeros(settings.seeds, np.float32)}
+        return loaded.model, loaded.tokenizer, eval_batches, eval_examples, initial, [fedkseed.COEFFICIENTS]
     return (loaded.model, loaded.tokenizer, eval_batches, eval_examples, state_arrays(loaded.model, ADAPTER_NAME),
             trained_keys(loaded.model, ADAPTER_NAME))

@@ -45,7 +45,22 @@ def results_table(results: dict):
                       _number(sum(client_losses) / len(client_losses) if client_losses else None),
                       str(len(record.get("clients", {}))), str(len(record.get("failures", []))),
                       str(len(record.get("rejected", []))), _mean(up), _mean(down))
+    table.caption = run_caption(results)
     return table
+
+
+def run_caption(results: dict) -> str:
+    """Totals under the table: bytes each client sent and received over the run, and the privacy spent."""
+    records = results["rounds"].values()
+    up = sum(sum(r.get("up_bytes", {}).values()) for r in records)
+    down = sum(sum(r.get("down_bytes", {}).values()) for r in records)
+    caption = f"run total: {up:,} bytes up, {down:,} bytes down (all clients)"
+    privacy = results.get("privacy")
+    if privacy:
+        epsilon = "no finite ε (no noise)" if privacy["epsilon"] is None else f"ε = {privacy['epsilon']:.2f}"
+        caption += (f"; DP: clipping norm {privacy['clipping_norm']}, noise multiplier {privacy['noise_multiplier']}, "
+                    f"{epsilon} at δ = {privacy['delta']:g} over {privacy['rounds']} round(s)")
+    return caption
 
 
 def _mean(per_client: dict) -> str:

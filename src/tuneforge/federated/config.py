@@ -3,7 +3,7 @@
     federated:
       clients: 4          # SuperNodes, one data partition each
       rounds: 5
-      method: fedavg      # fedavg | ffa-lora
+      method: fedavg      # fedavg | ffa-lora | fedkseed
       partition: dirichlet
       alpha: 0.5          # Dirichlet concentration: small = each client sees few tasks/labels
       label_by: task      # what the Dirichlet split is over: task (the source dataset) or answer
@@ -33,6 +33,7 @@ class PrivacySettings(BaseModel):
 
     clipping_norm: float = Field(..., gt=0, description="L2 bound of one client's update")
     noise_multiplier: float = Field(..., ge=0, description="noise std in units of clipping_norm / clients")
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of the (ε, δ) guarantee the run reports (federated/accounting.py)")
 
 
 class FederatedSettings(BaseModel):
@@ -40,8 +41,13 @@ class FederatedSettings(BaseModel):
 
     clients: int = Field(2, ge=1, description="number of clients (SuperNodes), one data partition each")
     rounds: int = Field(2, ge=1, description="federated rounds")
-    method: Literal["fedavg", "ffa-lora"] = Field(
-        "fedavg", description="fedavg: average every adapter tensor; ffa-lora: A frozen and shared, only B sent")
+    method: Literal["fedavg", "ffa-lora", "fedkseed", "slora"] = Field(
+        "fedavg", description="fedavg: average every adapter tensor; ffa-lora: A frozen and shared, only B sent; "
+                              "fedkseed: zeroth-order full finetuning, clients send (seed, scalar) pairs; "
+                              "slora: a sparse warm-up, then LoRA initialised by SVD of its update")
+    slora_sparse_rounds: int = Field(1, ge=1, description="slora: rounds of the sparse stage (out of rounds)")
+    slora_density: float = Field(0.01, gt=0, le=1, description="slora: fraction of each target weight trained in stage 1")
+    seeds: int = Field(4096, ge=1, le=2**31 - 1, description="fedkseed: K, the candidate seeds shared by all parties")
     partition: Literal["iid", "dirichlet"] = Field("iid", description="how examples are split among clients")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition: dirichlet)")
     label_by: Literal["task", "answer"] = Field(
@@ -86,4 +92,32 @@ def parse_federated_config(data: dict[str, Any], source: str = "config") -> tupl
     if settings.method == "ffa-lora" and train_config.adapter.method != "lora-fa":
         raise ConfigError(f"{source}: federated.method=ffa-lora trains B only with A frozen and shared; "
                           f"set adapter.method: lora-fa (found {train_config.adapter.method!r})")
+    if settings.method == "fedkseed":
+        _check_fedkseed(train_config, settings, source)
+    if settings.method == "slora":
+        if train_config.adapter.method != "lora":
+            raise ConfigError(f"{source}: federated.method=slora initialises a LoRA by SVD in its second stage; set "
+                              f"adapter.method: lora (found {train_config.adapter.method!r})")
+        if settings.rounds <= settings.slora_sparse_rounds:
+            raise ConfigError(f"{source}: federated.rounds={settings.rounds} leaves no LoRA round after "
+                              f"federated.slora_sparse_rounds={settings.slora_sparse_rounds}: raise rounds above it")
     return train_config, settings
+
+
+def _check_fedkseed(config: TrainConfig, settings: FederatedSettings, source: str) -> None:
+    """FedKSeed's replay is exact only for plain MeZO steps on the full weights (federated/fedkseed.py)."""
+    problems = []
+    if config.adapter.method != "full":
+        problems.append(f"adapter.method={config.adapter.method!r}: FedKSeed tunes the model's own weights, "
+                        "which every party loads identically; set adapter.method: full")
+    if config.update_rule.method != "mezo":
+        problems.append(f"update_rule.method={config.update_rule.method!r}: FedKSeed's local steps are MeZO's; "
+                        "set update_rule.method: mezo")
+    if config.training.weight_decay:
+        problems.append(f"training.weight_decay={config.training.weight_decay}: decay makes the steps non-linear "
+                        "in the perturbations, so the seeds could not be replayed; set it to 0")
+    if settings.compress_density is not None or settings.privacy is not None:
+        problems.append("federated.compress_density and federated.privacy act on tensor updates; a FedKSeed "
+                        "upload is (seed, scalar) pairs: leave both unset")
+    if problems:
+        raise ConfigError(f"{source}: federated.method=fedkseed needs:\n" + "\n".join(f"  {p}" for p in problems))

@@ -62,13 +62,15 @@ EXTRA_GENERATED_TOKENS = 8  # generated past the longest gold answer (its tokens
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, resume_anyway: bool = False,
           model_and_tokenizer=None, on_step: Callable[[int, float], None] | None = None,
-          prepare_adapter: Callable[[nn.Module], None] | None = None) -> RunSummary:
+          prepare_adapter: Callable[[nn.Module], None] | None = None,
+          make_update_rule: Callable[[nn.Module, TrainConfig, bool], UpdateRule] | None = None) -> RunSummary:
     """Finetune ``config.model`` with ``config.adapter`` on ``config.data``; returns the summary.
 
     ``model_and_tokenizer`` lets tests and benchmarks pass an already-built model. Nothing in
     ``output_dir`` changes until the config, data and model have loaded (see run_dir.py).
     ``prepare_adapter`` runs once the adapter is attached and before the optimizer is built: federated
-    clients load the global adapter there (and may freeze parts of it).
+    clients load the global adapter there (and may freeze parts of it). ``make_update_rule(model, config,
+    full_finetune)`` replaces ``build_update_rule``: FedKSeed clients draw MeZO's seeds from a shared pool.
     """
     resume = resume or resume_anyway
     # A private copy: methods record run facts on their config (AdaLoRA's total_step), and the caller's
@@ -106,7 +108,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if config.training.compile:
         compile_decoder_layers(model)
     total_steps = planned_steps(config, data)
-    rule = build_update_rule(model, config, full_finetune=full)
+    rule = (make_update_rule or build_update_rule)(model, config, full)
     optimizer = rule.optimizer
     scheduler = build_scheduler(optimizer, config.training, total_steps)
     scaler = loss_scaler(config.training.precision, device)

@@ -76,7 +76,12 @@ class ZerothOrderSPSA(UpdateRule):
                 param.mul_(1 - group["lr"] * group["weight_decay"])
         for sample, g in enumerate(projected):
             perturb(params, self.seed_for(step, sample), -group["lr"] * g / self.n_spsa)
+        self.record_step(step, projected, group["lr"])
         return WholeStepOutcome(loss, size)
+
+    def record_step(self, step: int, projected: list[float], lr: float) -> None:
+        """Called once step ``step`` moved θ by −(lr / n_spsa)·Σ_i g_i z_i: FedKSeed clients record
+        their (seed, g) pairs here (federated/fedkseed.py)."""
 
 
 def perturb(params: list[nn.Parameter], seed: int, scale: float) -> None:
