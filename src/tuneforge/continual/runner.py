@@ -63,6 +63,7 @@ def run_continual(raw: dict, *, source: str = "config", resume: bool = False, ov
     atomic_write_text(run_dir / STREAM_CONFIG, yaml.safe_dump(raw, sort_keys=False))
     pristine = copy_of(base)
     context.fresh_base = lambda: copy_of(pristine)
+    context.tokenizer = tokenizer
     scorer = _Scorer(config, train_config, tasks, probe, tokenizer)
     if progress.get("baseline") is None:
         say("scoring the base model on every task")
@@ -119,10 +120,10 @@ def _train_stage(method: ContinualMethod, stage: Stage, context: StreamContext, 
     """The stage's trained model: trained now, continued from its last checkpoint, or (training had
     finished before a crash) rebuilt from its saved adapter."""
     data_file = write_jsonl(method.training_examples(stage), stage.run_dir / "train.jsonl")
-    config = _stage_config(context.train_config, stage, data_file, method.init_adapter(stage))
     model = method.training_model(stage, context.fresh_base())
+    config = _stage_config(context.train_config, stage, data_file, method.init_adapter(stage))
     if (stage.run_dir / "summary.json").is_file() and stage.adapter_dir.is_dir():
-        load_adapter(model, stage.adapter_dir, ADAPTER_NAME)
+        load_adapter(model, stage.adapter_dir, ADAPTER_NAME, trainable=True)  # after_task may need its gradients
         return model
     resume = latest_checkpoint(stage.run_dir) is not None
     overwrite = not resume and bool(earlier_run_contents(stage.run_dir))  # started, but no checkpoint yet

@@ -5,7 +5,7 @@ all tasks):
 
     examples = method.training_examples(stage)           # the task's data (+ replayed examples)
     model    = method.training_model(stage, fresh_base)  # the base the stage's adapter trains on
-    train(config with training.init_adapter = method.init_adapter(stage),
+    train(config with training.init_adapter = method.init_adapter(stage),    # (asked after training_model)
           prepare_adapter=method.prepare_adapter(stage, .),   # e.g. InfLoRA's fixed, designed A
           extra_hooks=method.training_hooks(stage, .))         # e.g. EWC's penalty, MIGU's mask
     method.after_task(stage, model, tokenizer)           # e.g. EWC's Fisher, O-LoRA's stored A
@@ -58,6 +58,7 @@ class StreamContext:
     train_config: TrainConfig
     seed: int
     fresh_base: Callable[[], nn.Module] = lambda: None  # set by the runner: a new copy of the untouched base
+    tokenizer: object = None  # set by the runner once the model has loaded
 
 
 class ContinualMethod:
