@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_command(commands, "federated", "finetune an adapter across Flower clients that keep their data",
                  add_federated_arguments, run_federated_command)
+    from tuneforge.continual.command import add_continual_arguments, run_continual_command
+
+    _add_command(commands, "continual", "train a stream of tasks in order; R matrix, BWT, forgetting, FWT",
+                 add_continual_arguments, run_continual_command)
     _add_command(commands, "methods", "list the adapter methods (adapter.method values) and what each does",
                  lambda sub: None, run_methods)
     return parser

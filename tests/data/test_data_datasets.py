@@ -127,7 +127,7 @@ def test_chatterbot_unknown_language_lists_the_available_ones():
 
 
 def test_unknown_dataset_split_and_option():
-    with pytest.raises(ConfigError, match="Unknown bundled dataset 'gsm8k'; available: arithmetic, chatterbot, state_tracking"):
+    with pytest.raises(ConfigError, match="Unknown bundled dataset 'gsm8k'; available: arithmetic, chatterbot, date_format, json_extraction, state_tracking, string_reversal, unit_conversion"):
         get_dataset("gsm8k")
     with pytest.raises(ConfigError, match="split='test'"):
         get_dataset("arithmetic", split="test")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tuneforge.adapters import add_adapter, trainable_parameters
-from tuneforge.adapters.hooks import HookChain, training_hooks
+from tuneforge.adapters.hooks import HookChain, TrainingHooks, training_hooks
 from tuneforge.adapters.peft_format import save_adapter
 from tuneforge.config.schema import TrainConfig
 from tuneforge.errors import ConfigError
@@ -63,7 +63,8 @@ EXTRA_GENERATED_TOKENS = 8  # generated past the longest gold answer (its tokens
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False, resume_anyway: bool = False,
           model_and_tokenizer=None, on_step: Callable[[int, float], None] | None = None,
           prepare_adapter: Callable[[nn.Module], None] | None = None,
-          make_update_rule: Callable[[nn.Module, TrainConfig, bool], UpdateRule] | None = None) -> RunSummary:
+          make_update_rule: Callable[[nn.Module, TrainConfig, bool], UpdateRule] | None = None,
+          extra_hooks: Callable[[nn.Module], list[TrainingHooks]] | None = None) -> RunSummary:
     """Finetune ``config.model`` with ``config.adapter`` on ``config.data``; returns the summary.
 
     ``model_and_tokenizer`` lets tests and benchmarks pass an already-built model. Nothing in
@@ -71,6 +72,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     ``prepare_adapter`` runs once the adapter is attached and before the optimizer is built: federated
     clients load the global adapter there (and may freeze parts of it). ``make_update_rule(model, config,
     full_finetune)`` replaces ``build_update_rule``: FedKSeed clients draw MeZO's seeds from a shared pool.
+    ``extra_hooks(model)`` returns training hooks added after the adapter method's own (continual
+    learning's penalties and gradient masks).
     """
     resume = resume or resume_anyway
     # A private copy: methods record run facts on their config (AdaLoRA's total_step), and the caller's
@@ -100,6 +103,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if prepare_adapter is not None:
         prepare_adapter(model)
     hooks = HookChain([]) if full else training_hooks(model, ADAPTER_NAME)
+    if extra_hooks is not None:
+        hooks = HookChain([*hooks.hooks, *extra_hooks(model)])
     if hooks.needs_data():
         hooks.prepare(model, _init_batches(data, strategy, config.training.init_batches),
                       lambda m, batch: _mean_token_loss(m, batch, config.training))
