@@ -72,23 +72,49 @@ def train_records(run_dir):
     return [json.loads(line) for line in lines if "train_loss" in json.loads(line)]
 
 
-def test_two_processes_take_the_steps_of_one(tmp_path, model_dir, one_torch_thread):
-    reference = train(parse_train_config(settings(model_dir, tmp_path / "one")))
-    config = write_config(tmp_path, settings(model_dir, tmp_path / "two"))
-    result = launch(["-m", "tuneforge", "train", str(config), "--nproc", "2"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+def adapter_tensors(run_dir):
+    return load_file(Path(run_dir) / "adapter" / "adapter_model.safetensors")
 
-    one, two = train_records(reference.run_dir), train_records(tmp_path / "two")
-    assert [r["step"] for r in two] == [1, 2, 3], "rank 0 alone writes metrics.jsonl, one line per step"
+
+def assert_same_steps(records, expected):
+    assert [r["step"] for r in records] == [r["step"] for r in expected], "rank 0 alone writes metrics.jsonl"
     for key in ("train_loss", "grad_norm", "tokens_seen"):
-        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-5), key
-    mine, theirs = (load_file(Path(d) / "adapter" / "adapter_model.safetensors") for d in (tmp_path / "two", reference.run_dir))
+        assert [r[key] for r in records] == pytest.approx([r[key] for r in expected], rel=1e-5), key
+
+
+def assert_same_adapter(mine, theirs):
     assert mine.keys() == theirs.keys()
-    moved = [name for name in mine if not torch.equal(theirs[name], torch.zeros_like(theirs[name]))]
-    assert moved, "the reference adapter must have trained for the comparison to mean anything"
     for name in mine:
         torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-5)  # Adam magnifies reduction-order noise
+
+
+def test_two_processes_take_the_steps_of_one_and_resume_across_world_sizes(tmp_path, model_dir, one_torch_thread):
+    one_settings = settings(model_dir, tmp_path / "one", max_steps=4, save_every=2)
+    reference = train(parse_train_config(one_settings))
+    expected, expected_adapter = train_records(reference.run_dir), adapter_tensors(reference.run_dir)
+    assert any(t.abs().max() > 0 for t in expected_adapter.values()), "the adapter must have trained"
+
+    # 2 ranks x 2 rows per micro-batch == 1 rank x 4 rows.
+    config = write_config(tmp_path, settings(model_dir, tmp_path / "two", max_steps=4, save_every=2))
+    result = launch(["-m", "tuneforge", "train", str(config), "--nproc", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_steps(train_records(tmp_path / "two"), expected)
+    assert_same_adapter(adapter_tensors(tmp_path / "two"), expected_adapter)
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "two").iterdir())
+
+    # 2 -> 1: the 2-rank run's step-2 checkpoint resumed in one process takes the same steps 3 and 4.
+    resumed = []
+    train(parse_train_config(settings(model_dir, tmp_path / "two", max_steps=4, save_every=2)), resume=True,
+          on_step=lambda step, loss: resumed.append(loss))
+    assert resumed == pytest.approx([r["train_loss"] for r in expected[2:]], rel=1e-5)
+    assert_same_adapter(adapter_tensors(tmp_path / "two"), expected_adapter)
+
+    # 1 -> 2: the 1-process run's step-2 checkpoint resumed on two ranks.
+    config = write_config(tmp_path, one_settings, name="one.yaml")
+    result = launch(["-m", "tuneforge", "train", str(config), "--nproc", "2", "--resume"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_steps(train_records(tmp_path / "one"), expected)
+    assert_same_adapter(adapter_tensors(tmp_path / "one"), expected_adapter)
 
 
 def test_a_world_size_that_does_not_divide_the_batch_is_refused():
@@ -142,3 +168,49 @@ def test_the_launcher_refuses_a_batch_it_cannot_split_before_starting_workers(tm
     assert main(["train", str(config), "--nproc", "2"]) == 2
     assert "does not divide it" in capsys.readouterr().err
     assert not (tmp_path / "odd").exists()
+
+
+def worker_pids(launcher_pid):
+    """{RANK: pid} of the elastic agent's worker processes (children of the launcher process)."""
+    workers = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        rank = next((item[5:].decode() for item in environ if item.startswith(b"RANK=")), None)
+        if parent == launcher_pid and rank is not None:
+            workers[int(rank)] = int(entry.name)
+    return workers
+
+
+def test_a_killed_rank_ends_the_job_with_the_last_checkpoint_intact(tmp_path, model_dir):
+    import signal
+
+    from tuneforge.train.checkpoint import latest_checkpoint, read_trainer_state
+
+    run_dir = tmp_path / "killed"
+    config = write_config(tmp_path, settings(model_dir, run_dir, max_steps=500, save_every=2, keep_checkpoints=2))
+    launcher = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(config), "--nproc", "2"], cwd=tmp_path,
+                                env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while latest_checkpoint(run_dir) is None:
+            assert launcher.poll() is None and time.monotonic() < deadline, "the job never wrote a checkpoint"
+            time.sleep(0.5)
+        os.kill(worker_pids(launcher.pid)[1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = launcher.communicate(timeout=90)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert time.monotonic() - killed_at < 90
+    assert "failed" in stderr
+    last = latest_checkpoint(run_dir)
+    state = read_trainer_state(last)
+    assert state["state"]["step"] == int(last.name.split("-")[1]) and state["state"]["step"] % 2 == 0
+    assert load_file(last / "adapter" / "adapter_model.safetensors")
