@@ -115,6 +115,8 @@ def _add_train(commands) -> None:
     train.add_argument("--resume-anyway", action="store_true", help="--resume without comparing configs")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run in output_dir (it is moved "
                        "aside once everything has loaded, and deleted after the new run's first checkpoint or end)")
+    train.add_argument("--nproc", type=int, default=1, metavar="N", help="train on N processes of this machine "
+                       "(elastic launch, as torchrun --standalone; see docs/distributed.md)")
     train.set_defaults(handler=run_train)
 
 
@@ -129,12 +131,32 @@ def run_train(args) -> int:
     from tuneforge.train import train
     from tuneforge.train.report import print_summary
 
+    from tuneforge.train.strategy import launched_world_size, shutdown_process_group
+
     config_path, overrides = split_config_and_overrides([args.config] if args.config else [], args.overrides)
     raw = load_config_file(config_path) if config_path else {}
     config = parse_train_config(apply_overrides(raw, overrides), source=config_path or "command line")
-    summary = train(config, resume=args.resume, overwrite=args.overwrite, resume_anyway=args.resume_anyway)
-    print_summary(summary)
+    if args.nproc != 1 and launched_world_size() == 1:
+        return _launch_workers(args, config, config_path, overrides)
+    try:
+        summary = train(config, resume=args.resume, overwrite=args.overwrite, resume_anyway=args.resume_anyway)
+    finally:
+        shutdown_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print_summary(summary)
     return 0
+
+
+def _launch_workers(args, config, config_path: str | None, overrides: list[str]) -> int:
+    from tuneforge.train.launch import launch_local
+    from tuneforge.train.strategy import check_distributed
+
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc={args.nproc}: give a number of processes of 1 or more")
+    check_distributed(config, args.nproc)  # refuse here rather than once per worker
+    flags = [flag for flag, on in (("--resume", args.resume), ("--resume-anyway", args.resume_anyway),
+                                   ("--overwrite", args.overwrite)) if on]
+    return launch_local(args.nproc, [*([config_path] if config_path else []), *overrides, *flags])
 
 
 def split_config_and_overrides(first: list[str], rest: list[str]) -> tuple[str | None, list[str]]:

@@ -155,6 +155,15 @@ class TrainingConfig(Section):
         return self
 
 
+class DistributedConfig(Section):
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="how several processes (torchrun, or `tuneforge train --nproc N`) share the work: ddp "
+                            "(each holds the model, gradients all-reduced) or fsdp; auto: ddp. One process ignores it. "
+                            "training.batch_size is the global micro-batch, split evenly across the processes")
+    timeout_seconds: int = Field(600, gt=0, description="how long a process waits for the others in a collective "
+                                                        "before the job fails")
+
+
 class TrainConfig(Section):
     model: str = Field("smollm2-135m", description="base model: an embedded name, a local HF directory, a .gguf file or a hub id")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="dtype of the base weights")
@@ -169,6 +178,8 @@ class TrainConfig(Section):
     update_rule: UpdateRuleConfig = Field(
         default_factory=UpdateRuleConfig,
         description="how a step updates the weights (full finetuning: GaLore, APOLLO, BAdam, LISA, LOMO, MeZO)")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig,
+                                           description="several processes (see docs/distributed.md)")
 
     @field_validator("adapter", mode="before")
     @classmethod
@@ -260,7 +271,8 @@ def describe_keys() -> str:
     def walk(cls: type[BaseModel], prefix: str) -> None:
         for name, field in cls.model_fields.items():
             nested = section_class([*prefix.split(".")[:-1], name] if prefix else [name]) if name != "adapter" else None
-            if nested is not None and nested is not cls and name in ("data", "training", "quantization", "update_rule"):
+            if nested is not None and nested is not cls and name in ("data", "training", "quantization",
+                                                                                "update_rule", "distributed"):
                 lines.append(f"\n{prefix}{name}:  {field.description or ''}".rstrip())
                 walk(nested, f"{prefix}{name}.")
                 continue

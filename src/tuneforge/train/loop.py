@@ -45,7 +45,7 @@ from tuneforge.train.checkpoint import (
 from tuneforge.train.compile import compile_decoder_layers, eager_only
 from tuneforge.train.data_setup import PreparedData, eval_source, prepare_data
 from tuneforge.train.full import FullWeights, is_full_finetune, save_full_model
-from tuneforge.train.metrics import MetricsLog, plot_loss_curve, plot_objective_metrics
+from tuneforge.train.metrics import DiscardedLog, MetricsLog, plot_loss_curve, plot_objective_metrics
 from tuneforge.train.nonfinite import NonFiniteGuard, StepOutcome, require_finite_adapter
 from tuneforge.train.objectives import Objective, build_objective
 from tuneforge.train.objectives.reference import start_from_init_adapter
@@ -83,8 +83,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     check_eval_generate(config)
     check_objective_combinations(config)
     torch.manual_seed(config.training.seed)
-    device = resolve_device(config.device)
-    strategy = pick_strategy(device)
+    strategy = pick_strategy(resolve_device(config.device), config)  # torchrun: DDP, this rank's device
+    device = strategy.device
     selection = plan_training_selection(config, run_dir)  # every selection check, before the model loads
     model, tokenizer = model_and_tokenizer or _load_base(config, device)
     data = prepare_data(config, tokenizer, select=selection.bind(model, tokenizer) if selection else None)
@@ -113,6 +113,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if config.training.compile:
         compile_decoder_layers(model)
     total_steps = planned_steps(config, data)
+    strategy.prepare(model)  # DDP: wrap now the trainable parameters are final
     rule = (make_update_rule or build_update_rule)(model, config, full)
     optimizer = rule.optimizer
     scheduler = build_scheduler(optimizer, config.training, total_steps)
@@ -124,20 +125,23 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         rule.load_state_dict(saved.get("update_rule", {}))
         if scaler is not None and "scaler" in saved:
             scaler.load_state_dict(saved["scaler"])
-    claim_run_dir(config, run_dir, resume, overwrite)  # everything loaded: only now may an old run move aside
-    if selection is not None:
-        selection.record()
-    remove_stale_temp_dirs(run_dir)
+    if strategy.is_main:  # one writer: rank 0
+        claim_run_dir(config, run_dir, resume, overwrite)  # everything loaded: only now may an old run move aside
+        if selection is not None:
+            selection.record()
+        remove_stale_temp_dirs(run_dir)
     guard = NonFiniteGuard(config.training.max_nonfinite_steps)
-    log = MetricsLog(run_dir, resume_step=state.step if resume else None)
+    log = MetricsLog(run_dir, resume_step=state.step if resume else None) if strategy.is_main else DiscardedLog()
     progress = TrainProgress(total_steps, state.step, enabled=strategy.is_main)
     trainable, total = trainable_parameters(model)
     progress.note(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
                   + (f"; resuming from {checkpoint.name}" if checkpoint else ""))
     base_name = config.model
 
-    def save(reason: str) -> Path:
+    def save(reason: str) -> Path | None:
         require_finite_adapter(model, state.step, f"the {reason} checkpoint", _name_of(latest_checkpoint(run_dir)))
+        if not strategy.is_main:  # DDP: every rank holds the same adapter and optimizer state; rank 0 saves it
+            return None
         path = save_checkpoint(run_dir, model, ADAPTER_NAME, optimizer, scheduler, state,
                                config.training.keep_checkpoints, base_name, hooks,
                                extra={"update_rule": rule.state_dict(),
@@ -194,10 +198,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         log.close()
     train_seconds = time.perf_counter() - start
     require_finite_adapter(model, state.step, "the final adapter", _name_of(latest_checkpoint(run_dir)))
-    adapter_dir = (_save_final_model(model, tokenizer, run_dir) if full else _save_final_adapter(model, run_dir, config))
-    discard_replaced_runs(run_dir)
-    plot_loss_curve(run_dir)
-    plot_objective_metrics(run_dir)  # preference/reward metrics (no file for SFT)
+    if strategy.is_main:
+        adapter_dir = (_save_final_model(model, tokenizer, run_dir) if full else _save_final_adapter(model, run_dir, config))
+        discard_replaced_runs(run_dir)
+        plot_loss_curve(run_dir)
+        plot_objective_metrics(run_dir)  # preference/reward metrics (no file for SFT)
+    else:
+        adapter_dir = run_dir / ("model" if full else "adapter")
     summary = RunSummary(
         run_dir=run_dir, adapter_dir=adapter_dir, steps=state.step, train_seconds=train_seconds,
         tokens_per_second=(state.tokens_seen - tokens_at_start) / max(step_seconds, 1e-9),
@@ -205,7 +212,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         best_eval_loss=state.best_eval_loss, trainable_params=trainable, total_params=total,
         interrupted=interrupted, nonfinite_steps=guard.skipped,
     )
-    save_summary(summary)
+    if strategy.is_main:
+        save_summary(summary)
     return summary
 
 
@@ -379,7 +387,7 @@ def _optimizer_step(model, rule: UpdateRule, scheduler, scaler, guard: NonFinite
     training = config.training
     optimizer = rule.optimizer
     fetched = [_next_batch(data, state) for _ in range(training.grad_accum)]
-    micro_batches = [strategy.to_device(batch) for batch, _ in fetched]
+    micro_batches = [strategy.to_device(strategy.my_rows(batch)) for batch, _ in fetched]
     tokens = sum(count for _, count in fetched)
     # Normalise by the units (SFT: labelled tokens; DPO: pairs) of the whole accumulated step, so
     # accumulation equals one big batch.
@@ -390,22 +398,24 @@ def _optimizer_step(model, rule: UpdateRule, scheduler, scaler, guard: NonFinite
         return _whole_step(model, rule, scheduler, guard, micro_batches, labelled, tokens, state, training, objective)
     loss_sum = 0.0
     metric_sums: dict[str, float] = {}
-    for batch in micro_batches:
-        with autocast(training.precision, batch["input_ids"].device):
-            batch_loss, metrics = objective.loss_sum(model, batch)
-        for key, value in metrics.items():
-            metric_sums[key] = metric_sums.get(key, 0.0) + value
-        loss = batch_loss / labelled
-        extra = hooks.extra_loss(model)
-        if extra is not None:
-            loss = loss + extra / len(micro_batches)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+    for index, batch in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        with strategy.sync_gradients(last):  # DDP: all-reduce once per step, in the last backward
+            with autocast(training.precision, batch["input_ids"].device):
+                batch_loss, metrics = strategy.forward(objective.loss_sum, model, batch)
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + value
+            loss = batch_loss / labelled
+            extra = hooks.extra_loss(model)
+            if extra is not None:
+                loss = loss + extra / len(micro_batches)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += float(batch_loss.detach())
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip and measure the true gradients
     grad_norm = _clip_and_measure(optimizer, training.max_grad_norm)
-    outcome = StepOutcome(loss_sum / labelled, grad_norm, tokens)
-    outcome.metrics = {key: value / labelled for key, value in metric_sums.items()}
+    outcome = StepOutcome(strategy.reduce_sum(loss_sum) / labelled, grad_norm, tokens)  # tokens: the global batch's
+    outcome.metrics = {key: strategy.reduce_sum(value) / labelled for key, value in metric_sums.items()}
     outcome.applied = guard.allows(outcome.loss, grad_norm, state.step + 1, scaler.get_scale() if scaler else None)
     if outcome.applied:
         hooks.before_optimizer_step(model, state.step, total_steps)

@@ -47,6 +47,16 @@ class MetricsLog:
             self._tensorboard.close()
 
 
+class DiscardedLog:
+    """The metrics log of a rank other than 0: rank 0 alone writes metrics.jsonl and TensorBoard."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _tensorboard_writer(directory: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter

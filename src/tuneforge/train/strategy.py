@@ -1,15 +1,37 @@
-"""How the loop runs on one process; the seam where torchrun data parallelism plugs in.
+"""How the loop runs on one process or on several (torchrun / ``tuneforge train --nproc N``).
 
-The loop asks its strategy to place batches, to reduce a metric across workers and whether this
-worker writes files. A data-parallel strategy would wrap the model in DDP, give each rank every
-``world_size``-th micro-batch and all-reduce the loss sums; the loop itself would not change.
+The loop asks its strategy to take this worker's rows of a micro-batch (``my_rows``), place them
+(``to_device``), run the forward pass (``forward``), say whether a backward pass should
+synchronise gradients (``sync_gradients``), reduce sums across workers (``reduce_sum``) and whether
+this worker writes files (``is_main``). The loop is the same for one process and for many.
+
+Data parallelism (``DataParallel``) is PyTorch's DistributedDataParallel (Li et al. 2020, "PyTorch
+Distributed: Experiences on Accelerating Data Parallel Training", VLDB): each rank holds the whole
+model, computes gradients on its share of the rows and the gradients are all-reduced bucket by
+bucket during backward. What this module adds on top:
+
+* Sharding. ``training.batch_size`` is the *global* micro-batch. Every rank builds the same batch
+  plan (a pure function of the seed and epoch) and takes rows ``[rank * b, (rank + 1) * b)`` of each
+  global micro-batch, ``b = batch_size / world_size``. So the global batches, and the run, are the
+  same whatever the world size, and a checkpoint resumes on another world size.
+* Exact reductions. The loss of a step is ``sum over ranks of the labelled-token loss sums / sum
+  over ranks of the labelled tokens``. Each rank back-propagates its own sum divided by the global
+  count, so the true gradient is the *sum* of the ranks' gradients: the DDP communication hook here
+  all-reduces with SUM instead of DDP's default average.
+* Accumulation. Backward passes of all but the last micro-batch of a step run under ``no_sync``:
+  gradients accumulate locally and are all-reduced once per optimizer step.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import os
+from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from tuneforge.errors import ConfigError
 
@@ -22,23 +44,192 @@ class SingleProcess:
     def __init__(self, device: torch.device):
         self.device = device
 
-    def my_batches(self, batches: list) -> list:
-        return batches
+    def my_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return batch
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def prepare(self, model: nn.Module) -> None:
+        """Called once the trainable parameters are final, before the optimizer is built."""
+
+    def forward(self, loss_fn, model: nn.Module, batch: dict[str, torch.Tensor]):
+        return loss_fn(model, batch)
+
+    def sync_gradients(self, sync: bool):
+        return nullcontext()
+
     def reduce_sum(self, value: float) -> float:
         return value
 
+    def close(self) -> None:
+        pass
 
-def pick_strategy(device: torch.device) -> SingleProcess:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+
+class _LossForward(nn.Module):
+    """Runs ``loss_fn(model, batch)`` as the module's forward, so DDP sees every training forward.
+
+    The loop's objectives call parts of the model (the backbone, then the LM head in chunks), not
+    ``model(...)``; DDP only prepares its gradient reduction for forwards that go through it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, loss_fn, batch):
+        return loss_fn(self.model, batch)
+
+
+def _sum_allreduce(process_group, bucket):
+    """DDP communication hook: sum the ranks' gradients (each rank's loss is already divided by the
+    global labelled-token count, so the sum is the gradient of the global mean)."""
+    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+class DataParallel(SingleProcess):
+    """DistributedDataParallel over ``world_size`` processes; see the module docstring."""
+
+    def __init__(self, device: torch.device, rank: int, world_size: int):
+        super().__init__(device)
+        self.rank = rank
+        self.world_size = world_size
+        self.is_main = rank == 0
+        self._ddp: nn.Module | None = None
+
+    def my_rows(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rows = next(iter(batch.values())).shape[0]
+        share = rows // self.world_size  # divisibility is checked before anything loads
+        start = self.rank * share
+        return {key: value[start:start + share] for key, value in batch.items()}
+
+    def prepare(self, model: nn.Module) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # Construction broadcasts rank 0's parameters and buffers, so every rank starts identical.
+        self._ddp = DistributedDataParallel(_LossForward(model), device_ids=device_ids)
+        self._ddp.register_comm_hook(None, _sum_allreduce)
+
+    def forward(self, loss_fn, model: nn.Module, batch: dict[str, torch.Tensor]):
+        return self._ddp(loss_fn, batch)
+
+    def sync_gradients(self, sync: bool):
+        return nullcontext() if sync else self._ddp.no_sync()
+
+    def reduce_sum(self, value: float) -> float:
+        total = torch.tensor([float(value)], dtype=torch.float64, device=self._collective_device())
+        dist.all_reduce(total)
+        return float(total.item())
+
+    def _collective_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def close(self) -> None:
+        shutdown_process_group()
+
+
+def shutdown_process_group() -> None:
+    """End this process's part in the job (a no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launched_world_size() -> int:
+    """WORLD_SIZE as torchrun (or ``tuneforge train --nproc``) set it; 1 for a plain process."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"the environment variable WORLD_SIZE={value!r} is not a positive whole number; it is set "
+                          "by torchrun: unset it to train in one process")
+    return int(value)
+
+
+def check_distributed(config, world_size: int) -> None:
+    """Every refusal that depends on the world size, before anything loads: raised the same on every rank."""
+    if world_size == 1:
+        return
+    problems = []
+    training = config.training
+    if training.batch_size % world_size:
+        problems.append(
+            f"training.batch_size={training.batch_size} is the global micro-batch, split evenly across the "
+            f"{world_size} processes; {world_size} does not divide it. Use a batch_size that is a multiple of "
+            f"{world_size} (e.g. {world_size * max(1, training.batch_size // world_size)}) or another number of processes.")
+    strategy = config.distributed.strategy
+    if strategy == "fsdp":
+        problems.append("distributed.strategy=fsdp is not available yet; use ddp (or auto)")
+    if training.objective != "sft":
+        problems.append(f"training.objective={training.objective!r} is not tested on several processes yet; "
+                        "run it in one process or use objective: sft")
+    if config.update_rule.method != "optimizer":
+        problems.append(f"update_rule.method={config.update_rule.method!r} is not supported on several processes "
+                        "(see docs/distributed.md); use update_rule.method: optimizer or run in one process")
+    if config.data.select is not None:
+        problems.append("data.select runs in one process: select first (`tuneforge select`), then train on the "
+                        "selected file without data.select")
+    method_problem = _method_problem(config.adapter)
+    if method_problem:
+        problems.append(method_problem)
+    if problems:
+        raise ConfigError(f"{world_size} processes (WORLD_SIZE={world_size}): " + "; ".join(problems))
+
+
+def _method_problem(adapter) -> str | None:
+    """Methods with training hooks or model-level wrapping are refused until tested (docs/distributed.md)."""
+    if adapter.method == "full":
+        return None
+    from tuneforge.adapters import get_method
+    from tuneforge.adapters.lora.inits import DATA_DRIVEN_INITS
+
+    spec = get_method(adapter.method)
+    if spec.attach is not None:
+        return (f"adapter.method={adapter.method!r} is a model-level method, not tested on several processes yet; "
+                "run it in one process")
+    plain_lora = spec.name == "lora" and getattr(adapter, "init", None) not in DATA_DRIVEN_INITS
+    if spec.hooks is not None and not plain_lora:
+        what = f"adapter.init={adapter.init!r}" if spec.name == "lora" else f"adapter.method={adapter.method!r}"
+        return (f"{what} runs training hooks (data-driven init, rank allocation, masks) that are not tested on "
+                "several processes yet; run it in one process")
+    return None
+
+
+def pick_strategy(device: torch.device, config) -> SingleProcess:
+    """One process, or DDP over the processes torchrun started (after ``check_distributed``)."""
+    world_size = launched_world_size()
+    if world_size == 1:
+        return SingleProcess(device)
+    check_distributed(config, world_size)
+    rank = int(os.environ.get("RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=config.distributed.timeout_seconds)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    strategy = DataParallel(device, rank, world_size)
+    try:
+        _require_same_config(config, strategy)
+    except ConfigError:
+        strategy.close()
+        raise
+    return strategy
+
+
+def config_fingerprint(config) -> str:
+    """A hash of the resolved config: every rank must train the same run."""
+    return hashlib.sha256(config.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _require_same_config(config, strategy: DataParallel) -> None:
+    mine = config_fingerprint(config)
+    fingerprints: list[str | None] = [None] * strategy.world_size
+    dist.all_gather_object(fingerprints, mine)
+    differing = [rank for rank, theirs in enumerate(fingerprints) if theirs != fingerprints[0]]
+    if differing:
         raise ConfigError(
-            "tuneforge train was started by torchrun with WORLD_SIZE>1; data-parallel training is not "
-            "available yet. Run it as a single process (python -m tuneforge / tuneforge train)."
-        )
-    return SingleProcess(device)
+            f"the processes were given different configs (rank {strategy.rank} has {mine}; ranks "
+            f"{', '.join(map(str, differing))} differ from rank 0's {fingerprints[0]}). Start every node with the same "
+            "config file and overrides.")
 
 
 def resolve_device(name: str) -> torch.device:
