@@ -101,8 +101,10 @@ class TrainingConfig(Section):
     warmup_steps: int | None = Field(None, ge=0, description="linear warmup steps (default: warmup_ratio of all steps)")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="warmup as a fraction of all steps")
     max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False, description="clip gradients to this norm (null: no clipping)")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision of the forward pass "
-                                                       "(fp16 scales the loss with a GradScaler)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast precision of the forward pass (fp16 scales the loss with a GradScaler); auto: "
+                            "bf16 on a GPU or CPU that computes in bf16 (AVX512_BF16/AMX), fp16 on older GPUs, "
+                            "fp32 otherwise (see models/precision.py)")
     max_nonfinite_steps: int = Field(5, gt=0, description="a step whose loss or gradient norm is NaN/inf is skipped "
                                                           "(no update); stop the run after this many in a row (fp16 "
                                                           "overflows while the loss scale is above 1 do not count)")
@@ -156,7 +158,9 @@ class TrainingConfig(Section):
 
 class TrainConfig(Section):
     model: str = Field("smollm2-135m", description="base model: an embedded name, a local HF directory, a .gguf file or a hub id")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="dtype of the base weights")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the base weights; auto: bfloat16 when training.precision resolves to bf16, "
+                            "float32 otherwise (adapter weights stay float32)")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
     output_dir: str = Field("runs/latest", description="run directory: adapter, checkpoints, metrics, plots")
     adapter: AdapterConfig = Field(

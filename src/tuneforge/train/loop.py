@@ -26,12 +26,13 @@ from torch import nn
 from tuneforge.adapters import add_adapter, trainable_parameters
 from tuneforge.adapters.hooks import HookChain, training_hooks
 from tuneforge.adapters.peft_format import save_adapter
+from tuneforge.config.full_ft import NO_LOSS_SCALER
 from tuneforge.config.schema import TrainConfig
 from tuneforge.errors import ConfigError
 from tuneforge.eval.generation import gold_answer, require_gold_answers, score_generation
-from tuneforge.eval.loss import autocast
 from tuneforge.select.training import plan_training_selection
 from tuneforge.losses import token_loss_sum
+from tuneforge.models.precision import autocast, choose_precision, loss_scaler, without_loss_scaler
 from tuneforge.train.checkpoint import (
     CheckpointError,
     TrainState,
@@ -79,6 +80,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     check_objective_combinations(config)
     torch.manual_seed(config.training.seed)
     device = resolve_device(config.device)
+    precision_note = _resolve_precision(config, device)
     strategy = pick_strategy(device)
     selection = plan_training_selection(config, run_dir)  # every selection check, before the model loads
     model, tokenizer = model_and_tokenizer or _load_base(config, device)
@@ -127,6 +129,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     trainable, total = trainable_parameters(model)
     progress.note(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
                   + (f"; resuming from {checkpoint.name}" if checkpoint else ""))
+    progress.note(precision_note)
     base_name = config.model
 
     def save(reason: str) -> Path:
@@ -257,10 +260,15 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def loss_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
-    """fp16's range ends at 65504 and its small gradients flush to zero: scale the loss (and unscale
-    the gradients before clipping) as Micikevicius et al. 2018 §3.2 describe. bf16 has fp32's range."""
-    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+def _resolve_precision(config: TrainConfig, device: torch.device) -> str:
+    """Replace ``auto`` in training.precision and dtype by what this device runs fastest (the run's
+    config.yaml records the choice); returns the line to log."""
+    choice = choose_precision(config.training.precision, config.dtype, device)
+    if config.update_rule.method in NO_LOSS_SCALER:
+        choice = without_loss_scaler(choice, config.training.precision)
+    config.training.precision = choice.precision
+    config.dtype = choice.weights_dtype
+    return choice.describe()
 
 
 def check_objective_combinations(config: TrainConfig) -> None:
