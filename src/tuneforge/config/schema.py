@@ -110,6 +110,9 @@ class TrainingConfig(Section):
                                                           "overflows while the loss scale is above 1 do not count)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     compile: bool = Field(False, description="torch.compile the decoder layers (~1 min once; faster steps on long runs)")
+    fused_projections: bool | Literal["auto"] = Field(
+        False, description="run q/k/v (and gate/up) LoRA/DoRA layers as one GEMM over their stacked base weights, "
+                           "with a frozen-base backward (same results); auto: where it applies and compile is off")
     loss_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the chunked cross-entropy")
     init_batches: int = Field(4, gt=0, description="training batches shown to data-driven adapter inits "
                                                    "(CorDA, EVA, LoRA-GA) before training")
@@ -150,6 +153,10 @@ class TrainingConfig(Section):
         if self.reference == "init_adapter" and self.init_adapter is None:
             raise ValueError("reference='init_adapter' needs training.init_adapter (the saved SFT adapter to start from "
                              "and to keep frozen as the reference); set it, or use reference='adapter_off'")
+        if self.fused_projections is True and self.compile:
+            raise ValueError("fused_projections=true and compile=true do not go together (the fused groups share "
+                             "results between layer calls, which compiled layers cannot); set one of them to false, "
+                             "or fused_projections='auto' to fuse only without compile")
         if self.objective != "sft" and self.eval_generate:
             raise ValueError(f"eval_generate works with objective='sft' only (objective={self.objective!r} records "
                              "reward metrics instead); set training.eval_generate=0")

@@ -25,6 +25,7 @@ from torch import nn
 
 from tuneforge.adapters import add_adapter, trainable_parameters
 from tuneforge.adapters.hooks import HookChain, training_hooks
+from tuneforge.adapters.lora.fused import fuse_projections, unfuse_projections
 from tuneforge.adapters.peft_format import save_adapter
 from tuneforge.config.full_ft import NO_LOSS_SCALER
 from tuneforge.config.schema import TrainConfig
@@ -103,6 +104,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if hooks.needs_data():
         hooks.prepare(model, _init_batches(data, strategy, config.training.init_batches),
                       lambda m, batch: _mean_token_loss(m, batch, config.training))
+    fused_note = None if full else _fuse_projections(model, config.training)
     if config.training.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     if config.training.compile:
@@ -129,7 +131,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     trainable, total = trainable_parameters(model)
     progress.note(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
                   + (f"; resuming from {checkpoint.name}" if checkpoint else ""))
-    progress.note(precision_note)
+    progress.note(precision_note + (f"; {fused_note}" if fused_note else ""))
     base_name = config.model
 
     def save(reason: str) -> Path:
@@ -190,6 +192,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         log.close()
     train_seconds = time.perf_counter() - start
     require_finite_adapter(model, state.step, "the final adapter", _name_of(latest_checkpoint(run_dir)))
+    unfuse_projections(model)  # the caller gets a model whose base layers own their weights
     adapter_dir = (_save_final_model(model, tokenizer, run_dir) if full else _save_final_adapter(model, run_dir, config))
     discard_replaced_runs(run_dir)
     plot_loss_curve(run_dir)
@@ -269,6 +272,14 @@ def _resolve_precision(config: TrainConfig, device: torch.device) -> str:
     config.training.precision = choice.precision
     config.dtype = choice.weights_dtype
     return choice.describe()
+
+
+def _fuse_projections(model: nn.Module, training) -> str | None:
+    """training.fused_projections: group the adapted projections that share an input (adapters/lora/fused.py)."""
+    if training.fused_projections is False or (training.fused_projections == "auto" and training.compile):
+        return None
+    fused = fuse_projections(model, ADAPTER_NAME)
+    return f"fused projections: {fused} adapted layers"
 
 
 def check_objective_combinations(config: TrainConfig) -> None:
