@@ -24,12 +24,18 @@ def tiny_qwen2(seed: int = 0) -> Qwen2ForCausalLM:
 
 
 MODELS = {"llama": tiny_llama, "qwen2": tiny_qwen2}
-METHODS = {"lora": {}, "dora": {"use_dora": True}, "rslora-ranks": {"use_rslora": True, "rank_pattern": {"k_proj": 2}}}
+# Every method whose layers take the fused path (fused_kind is not None): LoRA, DoRA, LoRA-FA.
+METHODS = {"lora": {}, "dora": {"use_dora": True}, "rslora-ranks": {"use_rslora": True, "rank_pattern": {"k_proj": 2}},
+           "lora-fa": {"method": "lora-fa"}}
 
 
 def adapted_pair(model_name: str, method: str):
+    from tuneforge.adapters.rank.lora_fa import LoraFaConfig
+
+    settings = dict(METHODS[method])
+    config_class = LoraFaConfig if settings.pop("method", None) == "lora-fa" else LoraConfig
     model = MODELS[model_name]()
-    add_adapter(model, LoraConfig(r=4, alpha=8, target_modules="all-linear", **METHODS[method]))
+    add_adapter(model, config_class(r=4, alpha=8, target_modules="all-linear", **settings))
     perturb_trainable(model)  # B away from zero, so the LoRA terms and their gradients count
     return model, copy.deepcopy(model)
 
@@ -183,3 +189,19 @@ def test_fused_projections_true_refuses_compile():
     with pytest.raises(ConfigError, match="fused_projections=true and compile=true"):
         parse_train_config({"training": {"fused_projections": True, "compile": True}})
     assert parse_train_config({"training": {"fused_projections": "auto", "compile": True}}).training.compile
+
+
+def test_every_class_that_takes_the_fused_path_has_a_case_above():
+    import tuneforge.adapters.methods  # noqa: F401  (registers every method, so every subclass exists)
+    from tuneforge.adapters.lora.dora import DoraLinear
+    from tuneforge.adapters.lora.fused import fused_kind_of_class
+    from tuneforge.adapters.lora.lora import LoraLinear
+    from tuneforge.adapters.rank.lora_fa import LoraFaLinear
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    fusable = {cls for cls in (LoraLinear, *subclasses(LoraLinear)) if fused_kind_of_class(cls) is not None}
+    assert fusable == {LoraLinear, DoraLinear, LoraFaLinear}, "add a METHODS case for the new class"

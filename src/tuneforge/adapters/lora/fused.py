@@ -43,8 +43,14 @@ SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 def fused_kind(adapter: nn.Module) -> str | None:
     """"lora" or "dora" when the adapter's forward is exactly plain LoRA's or DoRA's; None otherwise
     (a subclass that changes the math keeps its own path)."""
-    cls = type(adapter)
-    if not isinstance(adapter, LoraLinear) or adapter.transposed or cls.lora_output is not LoraLinear.lora_output:
+    if not isinstance(adapter, LoraLinear) or adapter.transposed:
+        return None
+    return fused_kind_of_class(type(adapter))
+
+
+def fused_kind_of_class(cls: type) -> str | None:
+    """The math a LoraLinear class's forward does, as far as fusing is concerned (see ``fused_kind``)."""
+    if cls.lora_output is not LoraLinear.lora_output:
         return None
     if cls.transform_output is LoraLinear.transform_output:
         return "lora"
@@ -63,7 +69,8 @@ class _FrozenBaseLoraFn(torch.autograd.Function):
         u = F.linear(x, a_cat)  # (N, R)
         for u_i, b, out_i, s in zip(u.split(ranks, dim=-1), bs, out.split(outs, dim=-1), scalings):
             out_i.add_(F.linear(u_i, b), alpha=s)
-        ctx.save_for_backward(x, weight, a_cat, u, *bs)
+        # x is needed only for A's gradient: a frozen A (LoRA-FA) keeps just U, as that method intends.
+        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, weight, a_cat, u, *bs)
         ctx.layout = (ranks, outs, scalings)
         return out
 
