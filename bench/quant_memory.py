@@ -106,8 +106,8 @@ def child(args) -> dict:
     import torch
 
     from tuneforge.adapters import LoraConfig, add_adapter
-    from tuneforge.eval.loss import autocast
     from tuneforge.losses import token_loss_sum
+    from tuneforge.models.precision import autocast
     from tuneforge.quant.loading import load_quantized
 
     torch.set_num_threads(args.threads)

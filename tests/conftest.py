@@ -6,6 +6,13 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """Every test sees a CPU without bf16 units, so ``precision: auto`` means fp32 on any machine and
+    results do not depend on the CPU the suite runs on; tests of the choice fake other CPUs."""
+    monkeypatch.setattr("tuneforge.models.precision.cpu_multiplies_bf16_natively", lambda: False)
+
+
 @pytest.fixture
 def one_torch_thread():
     """Run a test on one intra-op thread, then restore the setting.

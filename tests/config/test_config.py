@@ -21,7 +21,7 @@ def test_unknown_keys_wrong_types_and_bad_values_reported_at_once():
     assert "trainig: unknown key — did you mean 'training'?" in message
     assert "training.schedular: unknown key — did you mean 'training.scheduler'?" in message
     assert "adapter.rr: unknown key — did you mean 'adapter.r'?" in message
-    assert "training.precision='bf32': allowed values are 'fp32', 'bf16' or 'fp16'" in message
+    assert "training.precision='bf32': allowed values are 'auto', 'fp32', 'bf16' or 'fp16'" in message
     assert "training.lr='fast'" in message
 
 

@@ -108,6 +108,7 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         self.row_adapters: list[str | None] | None = None
         self._row_stacks: _RowStacks | None = None
+        self.fused = None  # a FusedGroup (adapters/lora/fused.py) when fuse_projections grouped this layer
 
     def live_adapters(self) -> list[LayerAdapter]:
         if self.disabled:
@@ -126,6 +127,10 @@ class AdaptedLayer(nn.Module):
                                f"(keywords: {sorted(kwargs)}); it cannot be wrapped by an adapter")
         if self.row_adapters is not None and not self.disabled:
             return self._forward_per_row(x, *args, **kwargs)
+        if self.fused is not None and not args and not kwargs:
+            out = self.fused.output(self, x)
+            if out is not None:
+                return out
         live = self.live_adapters()
         for adapter in live:
             if adapter.modifies_input:

@@ -52,6 +52,8 @@ class FullConfig(AdapterConfig):
 
 UpdateRuleName = Literal["optimizer", "galore", "apollo", "apollo-mini", "badam", "lisa", "lomo", "adalomo", "mezo"]
 # Rules that replace backprop + optimizer.step on the *full* weights; only MeZO also trains adapters.
+# Rules that take the whole step themselves, without a GradScaler: fp16 would under/overflow unscaled.
+NO_LOSS_SCALER = {"lomo", "adalomo", "mezo"}
 FULL_WEIGHT_RULES = {"galore", "apollo", "apollo-mini", "badam", "lisa", "lomo", "adalomo"}
 
 
@@ -104,7 +106,7 @@ def check_update_rule(config) -> list[str]:
     if rule.method in ("lomo", "adalomo", "mezo") and training.optimizer != "adamw":
         problems.append(f"update_rule.method={rule.method} is its own optimizer; training.optimizer="
                         f"{training.optimizer!r} would be ignored: leave training.optimizer at adamw")
-    if rule.method in ("lomo", "adalomo", "mezo") and training.precision == "fp16":
+    if rule.method in NO_LOSS_SCALER and training.precision == "fp16":
         problems.append(f"update_rule.method={rule.method} has no loss scaler: use training.precision=bf16 or fp32")
     dropout = getattr(adapter, "dropout", 0.0) or 0.0
     if rule.method == "mezo" and dropout > 0:

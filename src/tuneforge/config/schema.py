@@ -102,13 +102,18 @@ class TrainingConfig(Section):
     warmup_steps: int | None = Field(None, ge=0, description="linear warmup steps (default: warmup_ratio of all steps)")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="warmup as a fraction of all steps")
     max_grad_norm: float | None = Field(1.0, gt=0, allow_inf_nan=False, description="clip gradients to this norm (null: no clipping)")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision of the forward pass "
-                                                       "(fp16 scales the loss with a GradScaler)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast precision of the forward pass (fp16 scales the loss with a GradScaler); auto: "
+                            "bf16 on a GPU or CPU that computes in bf16 (AVX512_BF16/AMX), fp16 on older GPUs, "
+                            "fp32 otherwise (see models/precision.py)")
     max_nonfinite_steps: int = Field(5, gt=0, description="a step whose loss or gradient norm is NaN/inf is skipped "
                                                           "(no update); stop the run after this many in a row (fp16 "
                                                           "overflows while the loss scale is above 1 do not count)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     compile: bool = Field(False, description="torch.compile the decoder layers (~1 min once; faster steps on long runs)")
+    fused_projections: bool | Literal["auto"] = Field(
+        False, description="run q/k/v (and gate/up) LoRA/DoRA layers as one GEMM over their stacked base weights, "
+                           "with a frozen-base backward (same results); auto: where it applies and compile is off")
     loss_chunk_size: int = Field(1024, gt=0, description="tokens per chunk of the chunked cross-entropy")
     init_batches: int = Field(4, gt=0, description="training batches shown to data-driven adapter inits "
                                                    "(CorDA, EVA, LoRA-GA) before training")
@@ -149,6 +154,10 @@ class TrainingConfig(Section):
         if self.reference == "init_adapter" and self.init_adapter is None:
             raise ValueError("reference='init_adapter' needs training.init_adapter (the saved SFT adapter to start from "
                              "and to keep frozen as the reference); set it, or use reference='adapter_off'")
+        if self.fused_projections is True and self.compile:
+            raise ValueError("fused_projections=true and compile=true do not go together (the fused groups share "
+                             "results between layer calls, which compiled layers cannot); set one of them to false, "
+                             "or fused_projections='auto' to fuse only without compile")
         if self.objective in ("kto", "grpo") and self.eval_generate:  # pairs are scored against their chosen answer
             raise ValueError(f"eval_generate works with objective sft, dpo, ipo, orpo or simpo (objective="
                              f"{self.objective!r} records reward metrics instead); set training.eval_generate=0")
@@ -166,7 +175,9 @@ class DistributedConfig(Section):
 
 class TrainConfig(Section):
     model: str = Field("smollm2-135m", description="base model: an embedded name, a local HF directory, a .gguf file or a hub id")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="dtype of the base weights")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the base weights; auto: bfloat16 when training.precision resolves to bf16, "
+                            "float32 otherwise (adapter weights stay float32)")
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
     output_dir: str = Field("runs/latest", description="run directory: adapter, checkpoints, metrics, plots")
     adapter: AdapterConfig = Field(

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from tuneforge.losses import token_loss_sum
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    # No cast cache: it keeps a low-precision copy of every trainable weight (each adapter factor,
-    # used once per forward) until the forward ends, which only adds to the step's peak memory.
-    return torch.autocast(device_type=device.type, dtype=AUTOCAST[precision], cache_enabled=False)
+from tuneforge.models.precision import autocast
 
 
 @torch.no_grad()

@@ -25,13 +25,15 @@ from torch import nn
 
 from tuneforge.adapters import add_adapter, trainable_parameters
 from tuneforge.adapters.hooks import HookChain, TrainingHooks, training_hooks
+from tuneforge.adapters.lora.fused import fuse_projections, unfuse_projections
 from tuneforge.adapters.peft_format import save_adapter
+from tuneforge.config.full_ft import NO_LOSS_SCALER
 from tuneforge.config.schema import TrainConfig
 from tuneforge.errors import ConfigError
 from tuneforge.eval.generation import gold_answer, require_gold_answers, score_generation
-from tuneforge.eval.loss import autocast
 from tuneforge.select.training import plan_training_selection
 from tuneforge.losses import token_loss_sum
+from tuneforge.models.precision import autocast, choose_precision, loss_scaler, without_loss_scaler
 from tuneforge.train.checkpoint import (
     CheckpointError,
     TrainState,
@@ -85,6 +87,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     torch.manual_seed(config.training.seed)
     strategy = pick_strategy(resolve_device(config.device), config)  # torchrun: DDP, this rank's device
     device = strategy.device
+    precision_note = _resolve_precision(config, device)
     selection = plan_training_selection(config, run_dir)  # every selection check, before the model loads
     model, tokenizer = model_and_tokenizer or _load_base(config, device)
     data = prepare_data(config, tokenizer, select=selection.bind(model, tokenizer) if selection else None)
@@ -108,6 +111,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if hooks.needs_data():
         hooks.prepare(model, _init_batches(data, strategy, config.training.init_batches),
                       lambda m, batch: _mean_token_loss(m, batch, config.training))
+    fused_note = None if full else _fuse_projections(model, config.training)
     if config.training.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     if config.training.compile:
@@ -136,6 +140,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     trainable, total = trainable_parameters(model)
     progress.note(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
                   + (f"; resuming from {checkpoint.name}" if checkpoint else ""))
+    progress.note(precision_note + (f"; {fused_note}" if fused_note else ""))
     base_name = config.model
 
     def save(reason: str) -> Path | None:
@@ -198,6 +203,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
         log.close()
     train_seconds = time.perf_counter() - start
     require_finite_adapter(model, state.step, "the final adapter", _name_of(latest_checkpoint(run_dir)))
+    unfuse_projections(model)  # the caller gets a model whose base layers own their weights
     if strategy.is_main:
         adapter_dir = (_save_final_model(model, tokenizer, run_dir) if full else _save_final_adapter(model, run_dir, config))
         discard_replaced_runs(run_dir)
@@ -273,10 +279,23 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def loss_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
-    """fp16's range ends at 65504 and its small gradients flush to zero: scale the loss (and unscale
-    the gradients before clipping) as Micikevicius et al. 2018 §3.2 describe. bf16 has fp32's range."""
-    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+def _resolve_precision(config: TrainConfig, device: torch.device) -> str:
+    """Replace ``auto`` in training.precision and dtype by what this device runs fastest (the run's
+    config.yaml records the choice); returns the line to log."""
+    choice = choose_precision(config.training.precision, config.dtype, device)
+    if config.update_rule.method in NO_LOSS_SCALER:
+        choice = without_loss_scaler(choice, config.training.precision)
+    config.training.precision = choice.precision
+    config.dtype = choice.weights_dtype
+    return choice.describe()
+
+
+def _fuse_projections(model: nn.Module, training) -> str | None:
+    """training.fused_projections: group the adapted projections that share an input (adapters/lora/fused.py)."""
+    if training.fused_projections is False or (training.fused_projections == "auto" and training.compile):
+        return None
+    fused = fuse_projections(model, ADAPTER_NAME)
+    return f"fused projections: {fused} adapted layers"
 
 
 def check_objective_combinations(config: TrainConfig) -> None:

@@ -8,8 +8,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from tuneforge.eval.loss import autocast, evaluate_loss
+from tuneforge.eval.loss import evaluate_loss
 from tuneforge.losses import IGNORE_INDEX, token_loss_sum
+from tuneforge.models.precision import autocast
 from tuneforge.train.objectives.dpo import dpo_loss
 from tuneforge.train.objectives.ipo import ipo_loss
 from tuneforge.train.objectives.kto import kl_reference_point, kto_loss
