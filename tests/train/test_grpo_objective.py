@@ -141,3 +141,27 @@ def test_a_reward_function_that_raises_or_returns_nan_does_not_stop_the_run(tmp_
     assert [line["step"] for line in steps] == [1, 2]
     assert all(line["reward_failures"] > 0 and math.isfinite(line["train_loss"]) for line in steps)
     assert [line["eval_reward"] for line in lines if "eval_reward" in line] == [0.0, 0.0]  # failures score 0
+
+
+@pytest.mark.parametrize(("completion", "gold", "expected"), [
+    ("The answer is 7.", "7", 1.0), ("7", "7", 1.0), ("7.0", "7", 1.0), ("It costs 1,000 coins", "1000", 1.0),
+    ("-3", "-3", 1.0), ("7 then 8", "7", 0.0), ("17", "7", 0.0), ("no number here", "7", 0.0),
+])
+def test_numeric_reward_compares_the_last_number(completion, gold, expected):
+    from tuneforge.train.objectives.rewards import resolve_reward
+
+    assert resolve_reward("numeric")([completion], [gold]) == [expected]
+
+
+def test_numeric_reward_on_a_non_numeric_gold_answer_is_a_counted_failure():
+    from tuneforge.train.objectives.rewards import resolve_reward
+
+    values, failed = safe_rewards(resolve_reward("numeric"), ["7", "8"], ["seven", "8"])
+    assert values == [None, 1.0] and failed == 1
+
+
+@pytest.mark.parametrize(("completion", "expected"), [("The answer is 7.", 1.0), ("17 apples", 0.0), ("7.5", 0.0)])
+def test_contains_reward_matches_the_gold_as_a_whole_number(completion, expected):
+    from tuneforge.train.objectives.rewards import resolve_reward
+
+    assert resolve_reward("contains")([completion], ["7"]) == [expected]

@@ -146,7 +146,8 @@ class TrainingConfig(Section):
     grpo_max_new_tokens: int = Field(16, gt=0, description="GRPO: tokens generated per completion")
     grpo_temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="GRPO: sampling temperature")
     grpo_clip_epsilon: float = Field(0.2, gt=0, lt=1, allow_inf_nan=False, description="GRPO: ratio clip epsilon")
-    grpo_reward: str = Field("exact_match", description="GRPO reward: exact_match (the bundled tasks' checker) or a "
+    grpo_reward: str = Field("exact_match", description="GRPO reward: exact_match (the bundled tasks' checker), contains, numeric (last number "
+                             "equals the gold number) or a "
                              "Python callable as module:function taking (completions, answers) -> list of floats")
 
     @model_validator(mode="after")

@@ -1,18 +1,21 @@
 """GRPO reward functions: verifiable rewards computed from a completion and the gold answer.
 
 A reward function takes (completions, answers), two lists of strings, and returns one float per
-completion. ``exact_match`` is the checker of the bundled tasks (eval/generation.py); a user's
-function is named by import path, ``package.module:function``.
+completion. Built in: ``exact_match`` (the checker of the bundled tasks, eval/generation.py),
+``contains`` (the gold answer as a whole word or number anywhere in the reply) and ``numeric`` (the
+reply's last number equals the gold number). A user's function is named by import path,
+``package.module:function``.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import re
 from collections.abc import Callable, Sequence
 
 from tuneforge.errors import ConfigError
-from tuneforge.eval.generation import exact_match
+from tuneforge.eval.generation import contains, exact_match
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -21,7 +24,27 @@ def exact_match_reward(completions: Sequence[str], answers: Sequence[str]) -> li
     return [1.0 if exact_match(c, a) else 0.0 for c, a in zip(completions, answers)]
 
 
-BUILTIN_REWARDS: dict[str, RewardFn] = {"exact_match": exact_match_reward}
+def contains_reward(completions: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """1 when the gold answer appears in the completion as a whole word or number (eval's ``contains``)."""
+    return [1.0 if contains(c, a) else 0.0 for c, a in zip(completions, answers)]
+
+
+NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+
+
+def numeric_reward(completions: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """1 when the completion's last number equals the gold number ("... so 1,000." == "1000"); a
+    gold answer that is not a number raises, so those samples count as reward failures."""
+    rewards = []
+    for completion, answer in zip(completions, answers):
+        gold = float(answer.strip().replace(",", ""))
+        found = NUMBER.findall(completion)
+        rewards.append(1.0 if found and float(found[-1].replace(",", "")) == gold else 0.0)
+    return rewards
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {"exact_match": exact_match_reward, "contains": contains_reward,
+                                        "numeric": numeric_reward}
 
 
 def resolve_reward(name: str) -> RewardFn:
