@@ -165,3 +165,41 @@ def test_contains_reward_matches_the_gold_as_a_whole_number(completion, expected
     from tuneforge.train.objectives.rewards import resolve_reward
 
     assert resolve_reward("contains")([completion], ["7"]) == [expected]
+
+
+@pytest.mark.parametrize("completion, gold, expected", [
+    ("The answer is <answer>42</answer>.", "42", 1.0),
+    ("<answer> 42 </answer>", "42", 1.0),   # exact match's normalisation: surrounding spaces
+    ("<answer>41</answer> then <answer>42</answer>", "42", 0.0),  # the first match counts
+    ("42 without tags", "42", 0.0),
+])
+def test_regex_reward_compares_the_first_group_of_the_first_match(completion, gold, expected):
+    from tuneforge.train.objectives.rewards import resolve_reward
+
+    assert resolve_reward(r"regex:<answer>(.*?)</answer>")([completion], [gold]) == [expected]
+
+
+def test_regex_reward_without_a_group_compares_the_whole_match():
+    from tuneforge.train.objectives.rewards import resolve_reward
+
+    reward = resolve_reward(r"regex:\d+")
+    assert reward(["box 7", "no digits"], ["7", "7"]) == [1.0, 0.0]
+
+
+def test_format_reward_checks_the_whole_reply_and_ignores_the_answer():
+    from tuneforge.train.objectives.rewards import resolve_reward
+
+    reward = resolve_reward(r"format:<think>.+</think>\s*<answer>.+</answer>")
+    replies = ["<think>a\nb</think> <answer>3</answer>", "<answer>3</answer>", "<think>x</think><answer>3</answer> extra"]
+    assert reward(replies, ["999"] * 3) == [1.0, 0.0, 0.0]
+
+
+def test_a_pattern_that_does_not_compile_is_a_config_error_before_the_model_loads(tmp_path):
+    from tuneforge.config import parse_train_config
+    from tuneforge.errors import ConfigError
+    from tuneforge.train.loop import check_objective_combinations
+
+    config = parse_train_config({"output_dir": str(tmp_path / "run"), "adapter": {"method": "lora"},
+                                 "training": {"objective": "grpo", "grpo_reward": "regex:(unclosed"}})
+    with pytest.raises(ConfigError, match=r"grpo_reward='regex:\(unclosed'.*does not compile"):
+        check_objective_combinations(config)

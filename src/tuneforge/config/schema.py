@@ -147,7 +147,8 @@ class TrainingConfig(Section):
     grpo_temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="GRPO: sampling temperature")
     grpo_clip_epsilon: float = Field(0.2, gt=0, lt=1, allow_inf_nan=False, description="GRPO: ratio clip epsilon")
     grpo_reward: str = Field("exact_match", description="GRPO reward: exact_match (the bundled tasks' checker), contains, numeric (last number "
-                             "equals the gold number) or a "
+                             "equals the gold number), regex:PATTERN (the pattern's first group equals the gold answer), "
+                             "format:PATTERN (the whole reply matches the pattern) or a "
                              "Python callable as module:function taking (completions, answers) -> list of floats")
 
     @model_validator(mode="after")

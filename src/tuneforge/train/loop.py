@@ -310,6 +310,10 @@ def check_objective_combinations(config: TrainConfig) -> None:
     if config.data.select is not None:
         raise ConfigError(f"data.select works on SFT examples; training.objective={objective!r} reads preference "
                           "records. Select the data first (`tuneforge select`) or remove data.select.")
+    if objective == "grpo":  # a reward that cannot be found or compiled fails now, not after the model loads
+        from tuneforge.train.objectives.rewards import resolve_reward
+
+        resolve_reward(config.training.grpo_reward)
 
 
 def check_eval_generate(config: TrainConfig) -> None:

@@ -2,9 +2,11 @@
 
 A reward function takes (completions, answers), two lists of strings, and returns one float per
 completion. Built in: ``exact_match`` (the checker of the bundled tasks, eval/generation.py),
-``contains`` (the gold answer as a whole word or number anywhere in the reply) and ``numeric`` (the
-reply's last number equals the gold number). A user's function is named by import path,
-``package.module:function``.
+``contains`` (the gold answer as a whole word or number anywhere in the reply), ``numeric`` (the
+reply's last number equals the gold number), ``regex:PATTERN`` (the pattern's first group, or its whole
+match, at its first match in the reply equals the gold answer under exact match's normalisation) and
+``format:PATTERN`` (the whole stripped reply matches the pattern, whatever the answer: the format reward
+of DeepSeek-R1-style recipes). A user's function is named by import path, ``package.module:function``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,38 @@ def numeric_reward(completions: Sequence[str], answers: Sequence[str]) -> list[f
     return rewards
 
 
+def regex_reward(pattern: re.Pattern) -> RewardFn:
+    def extracted_answer_matches(completions: Sequence[str], answers: Sequence[str]) -> list[float]:
+        rewards = []
+        for completion, answer in zip(completions, answers):
+            found = pattern.search(completion)
+            extracted = (found.group(1) if pattern.groups else found.group(0)) if found else None
+            rewards.append(1.0 if extracted is not None and exact_match(extracted, answer) else 0.0)
+        return rewards
+    return extracted_answer_matches
+
+
+def format_reward(pattern: re.Pattern) -> RewardFn:
+    def follows_format(completions: Sequence[str], answers: Sequence[str]) -> list[float]:
+        return [1.0 if pattern.fullmatch(completion.strip()) else 0.0 for completion in completions]
+    return follows_format
+
+
+PATTERN_REWARDS = {"regex": regex_reward, "format": format_reward}
+
+
+def _pattern_reward(name: str) -> RewardFn | None:
+    kind, separator, pattern = name.partition(":")
+    if not separator or kind not in PATTERN_REWARDS:
+        return None
+    try:
+        compiled = re.compile(pattern, re.DOTALL)
+    except re.error as exc:
+        raise ConfigError(f"training.grpo_reward={name!r}: the pattern does not compile ({exc}); write a Python "
+                          "regular expression after '" + kind + ":'") from None
+    return PATTERN_REWARDS[kind](compiled)
+
+
 BUILTIN_REWARDS: dict[str, RewardFn] = {"exact_match": exact_match_reward, "contains": contains_reward,
                                         "numeric": numeric_reward}
 
@@ -50,10 +84,13 @@ BUILTIN_REWARDS: dict[str, RewardFn] = {"exact_match": exact_match_reward, "cont
 def resolve_reward(name: str) -> RewardFn:
     if name in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[name]
+    pattern_reward = _pattern_reward(name)
+    if pattern_reward is not None:
+        return pattern_reward
     module_name, _, attribute = name.partition(":")
     if not module_name or not attribute:
-        raise ConfigError(f"training.grpo_reward={name!r} is neither a built-in reward ({', '.join(BUILTIN_REWARDS)}) "
-                          "nor an import path like my_rewards:score")
+        raise ConfigError(f"training.grpo_reward={name!r} is neither a built-in reward ({', '.join(BUILTIN_REWARDS)}, "
+                          "regex:PATTERN, format:PATTERN) nor an import path like my_rewards:score")
     try:
         function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
