@@ -24,8 +24,8 @@ def launch_local(nproc: int, train_arguments: list[str]) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "tuneforge", "train", *train_arguments)
     except ChildFailedError as exc:
-        first = min(exc.failures.values(), key=lambda failure: failure.timestamp)
-        print(f"tuneforge train: worker {first.local_rank} (rank {first.global_rank}) failed with exit code "
-              f"{first.exitcode}; the other workers were stopped", file=sys.stderr)
+        rank, first = min(exc.failures.items(), key=lambda item: item[1].timestamp)  # the first to fail
+        print(f"tuneforge train: rank {rank} failed with exit code {first.exitcode}; the other workers were stopped",
+              file=sys.stderr)
         return first.exitcode if first.exitcode > 0 else 1
     return 0

@@ -1,0 +1,43 @@
+"""bench/distributed_scaling.py on the tiny model: the 2-process setup reports both ranks, and rank 0's
+final loss is the one-process run's (the runs are the same; only who computes which rows differs)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "distributed_scaling.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("distributed_scaling_bench", BENCH_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_two_ranks_report_their_memory_and_train_the_one_process_run(tmp_path, one_torch_thread):
+    from tuneforge.config import parse_train_config
+    from tuneforge.train import train
+
+    bench = load_bench()
+    output = tmp_path / "results.json"
+    command = [sys.executable, str(BENCH_SCRIPT), "--model", "tiny", "--setups", "2x1", "--steps", "2",
+               "--batch-size", "4", "--max-seq-len", "96", "--workdir", str(tmp_path), "--output", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(bench.SRC)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    [row] = json.loads(output.read_text())
+    assert row["processes"] == 2 and len(row["peak_memory_mib_per_rank"]) == 2
+    assert all(peak > 0 for peak in row["peak_memory_mib_per_rank"]) and row["tokens_per_second"] > 0
+    assert "| 2x1 | 2 x 1 |" in result.stdout
+
+    args = type("Args", (), dict(steps=2, batch_size=4, max_seq_len=96, device="cpu"))
+    one = train(parse_train_config(bench.train_settings(args, str(tmp_path / "tiny-model"), tmp_path / "one")))
+    assert row["final_train_loss"] == pytest.approx(one.final_train_loss, rel=1e-5)
