@@ -105,7 +105,7 @@ class FusedGroup:
         """This member's output for ``x`` (computing the whole group once per input), or None when
         the group must run unfused."""
         pending = self._pending
-        if pending is not None and pending[0] is x and pending[1] == x._version and id(layer) in pending[2]:
+        if pending is not None and pending[0] is x and pending[1] == _version(x) and id(layer) in pending[2]:
             result = pending[2].pop(id(layer))
             if not pending[2]:
                 self._pending = None
@@ -116,7 +116,7 @@ class FusedGroup:
             return None
         outputs = self._compute(x, adapters)
         mine = outputs.pop(id(layer))
-        self._pending = (x, x._version, outputs) if outputs else None
+        self._pending = (x, _version(x), outputs) if outputs else None
         return mine
 
     def _fusable_adapters(self) -> list[LoraLinear] | None:
@@ -160,6 +160,11 @@ class FusedGroup:
                 piece = piece + bias.to(piece.dtype)
             outputs[id(layer)] = piece.reshape(*lead, piece.shape[-1])
         return outputs
+
+
+def _version(x: torch.Tensor) -> int:
+    """The in-place write counter; inference-mode tensors (the serving engine's) have none."""
+    return -1 if x.is_inference() else x._version
 
 
 def _compute_dtype(x: torch.Tensor, a_cat: torch.Tensor) -> torch.dtype:
