@@ -220,3 +220,17 @@ def test_fused_layers_run_under_inference_mode_and_gradient_checkpointing(fused_
     _, grads = logits_and_grads(fused, ids)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_fused_equals_unfused_on_a_gpu(method):
+    plain, fused = adapted_pair("qwen2", method)
+    plain, fused = plain.cuda(), fused.cuda()
+    fuse_projections(fused, "default")  # after the move: the stacked weight lives on the GPU
+    ids = sample_ids().cuda()
+    expected_logits, expected_grads = logits_and_grads(plain, ids)
+    logits, grads = logits_and_grads(fused, ids)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-3, atol=1e-5, msg=name)

@@ -144,3 +144,10 @@ def test_a_full_finetune_records_float32_masters(monkeypatch, tmp_path):
     summary = train(config, model_and_tokenizer=tiny_chat_model_and_tokenizer())
     saved = yaml.safe_load((summary.run_dir / "config.yaml").read_text())
     assert (saved["training"]["precision"], saved["dtype"]) == ("bf16", "float32")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_on_a_real_gpu_agrees_with_torchs_bf16_support():
+    choice = choose_precision("auto", "auto", CUDA)
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert (choice.precision, choice.weights_dtype) == (("bf16", "bfloat16") if native else ("fp16", "float32"))
