@@ -12,8 +12,8 @@ called with an input computes the whole group, the others take their slice of th
 
     Y = x W_catᵀ + [s₁ U₁ B₁ᵀ | s₂ U₂ B₂ᵀ | ...],   U = x A_catᵀ  (one GEMM for every member's A)
 
-LoRA (Hu et al. 2022, Eq. 3: h = W₀x + s·BAx) then adds the bias; DoRA (Liu et al. 2024, §4, with the
-norm detached as its §4.3 says) is m/‖W + s·BA‖ · (W x + s·BAx) + bias, the same as ``DoraLinear``'s
+LoRA (Hu et al. 2022, arXiv:2106.09685, Eq. 3: h = W₀x + s·BAx) then adds the bias; DoRA (Liu et al.
+2024, arXiv:2402.09353, §4, with the norm detached as its §4.3 says) is m/‖W + s·BA‖ · (W x + s·BAx) + bias, the same as ``DoraLinear``'s
 ``out + (scale − 1)·W x + scale·s·BAx`` rearranged.
 
 ``_FrozenBaseLoraFn`` is the autograd function of the group: the base is frozen, so backward computes no
