@@ -205,3 +205,32 @@ def test_every_class_that_takes_the_fused_path_has_a_case_above():
 
     fusable = {cls for cls in (LoraLinear, *subclasses(LoraLinear)) if fused_kind_of_class(cls) is not None}
     assert fusable == {LoraLinear, DoraLinear, LoraFaLinear}, "add a METHODS case for the new class"
+
+
+def test_fused_layers_run_under_inference_mode_and_gradient_checkpointing(fused_calls):
+    plain, fused = adapted_pair("llama", "dora")
+    fuse_projections(fused, "default")
+    ids = sample_ids()
+    with torch.inference_mode():  # what the serving engine decodes under (co-served finetune jobs)
+        torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert len(fused_calls) == 8
+    fused.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    fused.train(), plain.train()
+    _, expected = logits_and_grads(plain, ids)
+    _, grads = logits_and_grads(fused, ids)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_fused_equals_unfused_on_a_gpu(method):
+    plain, fused = adapted_pair("qwen2", method)
+    plain, fused = plain.cuda(), fused.cuda()
+    fuse_projections(fused, "default")  # after the move: the stacked weight lives on the GPU
+    ids = sample_ids().cuda()
+    expected_logits, expected_grads = logits_and_grads(plain, ids)
+    logits, grads = logits_and_grads(fused, ids)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-3, atol=1e-5, msg=name)

@@ -54,6 +54,13 @@ def test_an_explicit_setting_wins(monkeypatch, asked_precision, asked_dtype, exp
     assert (choice.precision, choice.weights_dtype) == expected
 
 
+def test_weights_that_train_stay_float32_under_auto(monkeypatch):
+    fake_cpu(monkeypatch, True)
+    full = choose_precision("auto", "auto", CPU, trains_base_weights=True)
+    assert (full.precision, full.weights_dtype) == ("bf16", "float32")
+    assert choose_precision("auto", "bfloat16", CPU, trains_base_weights=True).weights_dtype == "bfloat16"
+
+
 def test_explicit_bf16_on_a_cpu_without_bf16_units_is_kept(monkeypatch):
     fake_cpu(monkeypatch, False)
     assert choose_precision("bf16", "auto", CPU) == PrecisionChoice("bf16", "bfloat16", "as configured")
@@ -113,7 +120,7 @@ def test_bf16_base_keeps_float32_adapter_masters_and_trains():
 
 def _config(tmp_path, **top):
     return parse_train_config({
-        "output_dir": str(tmp_path / "run"), "adapter": {"r": 4}, **top,
+        "output_dir": str(tmp_path / "run"), "adapter": {"r": 4}, **top,  # top may replace the adapter
         "data": {"train": "arithmetic", "options": {"size": 16}, "max_seq_len": 192, "eval_size": 0},
         "training": {"max_steps": 1, "batch_size": 4, "save_every": None},
     })
@@ -129,3 +136,18 @@ def test_the_run_records_and_logs_the_resolved_choice(monkeypatch, tmp_path, cap
     logged = capsys.readouterr()
     assert (logged.out + logged.err).count("precision bf16, base weights bfloat16") == 1
     assert config.training.precision == "auto", "the caller's config must stay as it was passed"
+
+
+def test_a_full_finetune_records_float32_masters(monkeypatch, tmp_path):
+    fake_cpu(monkeypatch, True)
+    config = _config(tmp_path, adapter={"method": "full"})
+    summary = train(config, model_and_tokenizer=tiny_chat_model_and_tokenizer())
+    saved = yaml.safe_load((summary.run_dir / "config.yaml").read_text())
+    assert (saved["training"]["precision"], saved["dtype"]) == ("bf16", "float32")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_on_a_real_gpu_agrees_with_torchs_bf16_support():
+    choice = choose_precision("auto", "auto", CUDA)
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert (choice.precision, choice.weights_dtype) == (("bf16", "bfloat16") if native else ("fp16", "float32"))

@@ -82,18 +82,20 @@ def cuda_supports_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def choose_precision(precision: str, dtype: str, device: torch.device | str) -> PrecisionChoice:
+def choose_precision(precision: str, dtype: str, device: torch.device | str,
+                     trains_base_weights: bool = False) -> PrecisionChoice:
     """Resolve ``training.precision`` and the base ``dtype`` (either may be ``auto``) for ``device``.
 
     An explicit setting wins. ``dtype: auto`` follows the resolved precision: bfloat16 weights only
     under bf16 autocast (an fp32 run keeps float32 weights, an fp16 run float32 masters under its
-    GradScaler)."""
+    GradScaler), and never for weights that train (full finetuning): those are the optimizer's
+    masters, and bf16's 8-bit mantissa would round most small updates away."""
     device = torch.device(device)
     reason = "as configured"
     if precision == "auto":
         precision, reason = _hardware_precision(device)
     if dtype == "auto":
-        dtype = "bfloat16" if precision == "bf16" else "float32"
+        dtype = "bfloat16" if precision == "bf16" and not trains_base_weights else "float32"
     return PrecisionChoice(precision, dtype, reason)
 
 

@@ -282,7 +282,8 @@ def _finite_or_none(value: float) -> float | None:
 def _resolve_precision(config: TrainConfig, device: torch.device) -> str:
     """Replace ``auto`` in training.precision and dtype by what this device runs fastest (the run's
     config.yaml records the choice); returns the line to log."""
-    choice = choose_precision(config.training.precision, config.dtype, device)
+    choice = choose_precision(config.training.precision, config.dtype, device,
+                              trains_base_weights=is_full_finetune(config.adapter))
     if config.update_rule.method in NO_LOSS_SCALER:
         choice = without_loss_scaler(choice, config.training.precision)
     config.training.precision = choice.precision

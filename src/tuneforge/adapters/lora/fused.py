@@ -12,8 +12,8 @@ called with an input computes the whole group, the others take their slice of th
 
     Y = x W_catᵀ + [s₁ U₁ B₁ᵀ | s₂ U₂ B₂ᵀ | ...],   U = x A_catᵀ  (one GEMM for every member's A)
 
-LoRA (Hu et al. 2022, Eq. 3: h = W₀x + s·BAx) then adds the bias; DoRA (Liu et al. 2024, §4, with the
-norm detached as its §4.3 says) is m/‖W + s·BA‖ · (W x + s·BAx) + bias, the same as ``DoraLinear``'s
+LoRA (Hu et al. 2022, arXiv:2106.09685, Eq. 3: h = W₀x + s·BAx) then adds the bias; DoRA (Liu et al.
+2024, arXiv:2402.09353, §4, with the norm detached as its §4.3 says) is m/‖W + s·BA‖ · (W x + s·BAx) + bias, the same as ``DoraLinear``'s
 ``out + (scale − 1)·W x + scale·s·BAx`` rearranged.
 
 ``_FrozenBaseLoraFn`` is the autograd function of the group: the base is frozen, so backward computes no
@@ -105,7 +105,7 @@ class FusedGroup:
         """This member's output for ``x`` (computing the whole group once per input), or None when
         the group must run unfused."""
         pending = self._pending
-        if pending is not None and pending[0] is x and pending[1] == x._version and id(layer) in pending[2]:
+        if pending is not None and pending[0] is x and pending[1] == _version(x) and id(layer) in pending[2]:
             result = pending[2].pop(id(layer))
             if not pending[2]:
                 self._pending = None
@@ -116,7 +116,7 @@ class FusedGroup:
             return None
         outputs = self._compute(x, adapters)
         mine = outputs.pop(id(layer))
-        self._pending = (x, x._version, outputs) if outputs else None
+        self._pending = (x, _version(x), outputs) if outputs else None
         return mine
 
     def _fusable_adapters(self) -> list[LoraLinear] | None:
@@ -160,6 +160,11 @@ class FusedGroup:
                 piece = piece + bias.to(piece.dtype)
             outputs[id(layer)] = piece.reshape(*lead, piece.shape[-1])
         return outputs
+
+
+def _version(x: torch.Tensor) -> int:
+    """The in-place write counter; inference-mode tensors (the serving engine's) have none."""
+    return -1 if x.is_inference() else x._version
 
 
 def _compute_dtype(x: torch.Tensor, a_cat: torch.Tensor) -> torch.dtype:
