@@ -20,12 +20,15 @@ def test_demo_config_is_the_example_file():
 
 def test_example_configs_are_valid():
     from tuneforge.config import load_config_file, parse_train_config
+    from tuneforge.continual.config import parse_continual_config
     from tuneforge.federated.config import parse_federated_config
 
     for path in sorted((ROOT / "examples").glob("*.yaml")):
         data = load_config_file(path)
-        # A federated config is a training config plus its `federated:` section.
-        parse = parse_federated_config if "federated" in data else parse_train_config
+        # A federated config is a training config plus its `federated:` section; a continual config holds a
+        # stream (or tasks) and its training config under `train:`.
+        parse = (parse_federated_config if "federated" in data else
+                 parse_continual_config if "stream" in data or "tasks" in data else parse_train_config)
         parse(data, source=str(path))
 
 

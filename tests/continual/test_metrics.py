@@ -1,4 +1,4 @@
-"""ACC, BWT, FWT (Lopez-Paz & Ranzato 2017, §4) and average forgetting (Chaudhry et al. 2018, Eq. 2-3),
+"""ACC, BWT, FWT (Lopez-Paz & Ranzato 2017) and average forgetting (Chaudhry et al. 2018),
 checked against the definitions written out here element by element."""
 
 from __future__ import annotations

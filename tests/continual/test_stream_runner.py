@@ -39,8 +39,10 @@ def test_joint_training_is_one_stage_on_every_task_with_their_summed_budget(tmp_
     assert report["stages"] == [[0, 1]] and len(report["R"]) == 1
     assert report["metrics"]["average_accuracy"] == pytest.approx(sum(report["R"][0]) / 2)
     stage = tmp_path / "stream" / "stages" / "01-joint"
-    assert json.loads((stage / "summary.json").read_text())["steps"] == 6  # 3 steps per task, two tasks
-    assert len((stage / "train.jsonl").read_text().splitlines()) == 32
+    assert json.loads((stage / "summary.json").read_text())["steps"] == 4  # 2 steps per task, two tasks
+    assert len((stage / "train.jsonl").read_text().splitlines()) == 16
+    with pytest.raises(ConfigError, match="already holds a stream.*--resume"):  # refused before a model loads
+        run_continual(stream_config(tmp_path, {"name": "joint"}), say=quiet)
 
 
 def test_a_stream_of_one_task_is_refused_before_the_model_loads(tmp_path):
@@ -66,12 +68,6 @@ def test_unknown_method_and_bad_options_are_named(tmp_path):
         run_continual({**stream_config(tmp_path), "tasks": [], "stream": "nope"}, say=quiet)
 
 
-def test_an_existing_stream_needs_resume_or_overwrite(tmp_path):
-    run_continual(stream_config(tmp_path, {"name": "joint"}), model_and_tokenizer=tiny(), say=quiet)
-    with pytest.raises(ConfigError, match="already holds a stream.*--resume"):
-        run_continual(stream_config(tmp_path, {"name": "joint"}), model_and_tokenizer=tiny(), say=quiet)
-
-
 class Crash(Exception):
     pass
 
@@ -79,7 +75,7 @@ class Crash(Exception):
 def test_a_stream_resumed_after_a_crash_mid_task_matches_one_that_never_stopped(tmp_path):
     def config(where):
         cfg = stream_config(where)
-        cfg["train"]["training"].update(max_steps=4, save_every=1)
+        cfg["train"]["training"].update(max_steps=3, save_every=1)
         return cfg
 
     whole = run_continual(config(tmp_path / "a"), model_and_tokenizer=tiny(), say=quiet)
@@ -87,7 +83,7 @@ def test_a_stream_resumed_after_a_crash_mid_task_matches_one_that_never_stopped(
 
     def crash_in_task_two(step, loss):
         calls.append(step)
-        if len(calls) == 6:  # step 2 of the second task
+        if len(calls) == 5:  # step 2 of the second task
             raise Crash
 
     with pytest.raises(Crash):
@@ -97,7 +93,7 @@ def test_a_stream_resumed_after_a_crash_mid_task_matches_one_that_never_stopped(
     resumed_steps = []
     resumed = run_continual(config(tmp_path / "b"), model_and_tokenizer=tiny(), resume=True, say=quiet,
                             on_step=lambda step, loss: resumed_steps.append(step))
-    assert resumed_steps == [2, 3, 4], "task 1 is not retrained; task 2 continues from its step-1 checkpoint"
+    assert resumed_steps == [2, 3], "task 1 is not retrained; task 2 continues from its step-1 checkpoint"
     assert resumed["R"] == whole["R"]
     assert resumed["probe"] == whole["probe"]
     for stage in ("01-unit_conversion", "02-string_reversal"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def add_continual_arguments(sub) -> None:
-    sub.add_argument("config", help="YAML continual config (see examples/continual_*.yaml and docs/continual.md)")
+    sub.add_argument("config", nargs="?", help="YAML continual config (see examples/continual_*.yaml and docs/continual.md)")
     sub.add_argument("overrides", nargs="*", metavar="key=value",
                      help="dotted overrides, e.g. method.name=replay train.training.max_steps=20")
     sub.add_argument("--resume", action="store_true", help="continue the stream in output_dir: finished tasks are "
@@ -26,6 +26,10 @@ def run_continual_command(args) -> int:
         for name, tasks in STREAMS.items():
             console.print(f"stream {name}: {' -> '.join(tasks)}", highlight=False)
         return 0
+    if args.config is None:
+        from tuneforge.errors import ConfigError
+
+        raise ConfigError("tuneforge continual needs a config file (see examples/continual_smollm2.yaml), or --list")
     from tuneforge.config import apply_overrides, load_config_file
     from tuneforge.continual.runner import run_continual
 

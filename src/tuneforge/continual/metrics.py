@@ -3,13 +3,13 @@
 R[i][j] is the accuracy on task j's test set after training on tasks 0..i (T rows, T columns);
 ``baseline[j]`` is the accuracy on task j of the model before any training. With T tasks:
 
-- average accuracy (Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory", §4):
+- average accuracy (Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory for Continual Learning", arXiv:1706.08840, the evaluation metrics):
       ACC = (1/T) Σ_i R[T-1][i]
 - backward transfer (ibid.): how training later tasks changed earlier ones (negative = forgetting)
       BWT = 1/(T-1) Σ_{i<T-1} (R[T-1][i] - R[i][i])
 - forward transfer (ibid.): how earlier tasks helped a task before it was trained
       FWT = 1/(T-1) Σ_{i>=1} (R[i-1][i] - baseline[i])
-- average forgetting (Chaudhry et al. 2018, "Riemannian Walk", Eq. 2-3): the drop from each earlier
+- average forgetting (Chaudhry et al. 2018, "Riemannian Walk for Incremental Learning", arXiv:1801.10112, the forgetting measure): the drop from each earlier
   task's best accuracy to its final accuracy
       f_j = max_{l<T-1} R[l][j] - R[T-1][j],   F = 1/(T-1) Σ_{j<T-1} f_j
 """

@@ -32,10 +32,11 @@ def build_report(progress: dict) -> dict:
     return report
 
 
-def write_report(run_dir: Path, progress: dict) -> dict:
+def write_report(run_dir: Path, progress: dict, plots: bool = True) -> dict:
+    """report.json, and with ``plots`` the heatmap and the per-task curves (drawn once, at the end)."""
     report = build_report(progress)
     atomic_write_json(run_dir / REPORT, report)
-    if report["R"]:
+    if plots and report["R"]:
         plot_heatmap(report, run_dir / "accuracy_matrix.png")
         plot_task_curves(report, run_dir / "task_curves")
     return report

@@ -83,7 +83,7 @@ def run_continual(raw: dict, *, source: str = "config", resume: bool = False, ov
         atomic_write(stage.run_dir / METHOD_STATE, lambda tmp: torch.save(method.state_dict(), tmp))
         progress["stages"].append({"tasks": list(stage.tasks), "run_dir": str(stage.run_dir), **row})
         _save_progress(run_dir, progress)
-        write_report(run_dir, progress)
+        write_report(run_dir, progress, plots=False)
         say(f"  accuracy: " + ", ".join(f"{t.name} {100 * a:.1f}%" for t, a in zip(tasks, row["accuracy"]))
             + f"; probe loss {row['probe_loss']:.4f}")
         del model

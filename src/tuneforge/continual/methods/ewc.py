@@ -8,9 +8,9 @@ training task B, the loss is
     L(θ) = L_B(θ) + Σ_i (λ/2) F_i (θ_i - θ*_A,i)²
 
 with θ*_A the parameters after task A and F the diagonal of the Fisher information at θ*_A. With
-several earlier tasks each keeps its own anchor and Fisher and the penalties add (§2, "a penalty for
-each task"). F is the empirical Fisher: the mean over ``fisher_examples`` training examples of the
-squared gradient of each example's mean token log-likelihood. Only the adapter trains (one adapter
+several earlier tasks each keeps its own anchor and Fisher and the penalties add (Kirkpatrick et al.'s
+recipe for more than two tasks). F is the empirical Fisher: the mean over ``fisher_examples`` training
+examples of the squared gradient of each example's mean token log-likelihood. Only the adapter trains (one adapter
 carried from task to task), so θ, θ* and F are the adapter's parameters; the penalty reaches the
 training loop through the ``extra_loss`` hook.
 """

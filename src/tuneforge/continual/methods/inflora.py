@@ -4,10 +4,10 @@ Low-Rank Adaptation for Continual Learning", CVPR, arXiv:2404.00228).
     method: {name: inflora, energy: 0.95}
 
 Each task adds a LoRA ΔW_t = B_t A_t (PEFT's ``lora_B`` (out, r) times ``lora_A`` (r, in)) whose
-down-projection A_t is *designed* before the task and frozen; only B_t trains (§3.2-3.3). Every
+down-projection A_t is *designed* before the task and frozen; only B_t trains. Every
 update then lies in the row space of A_t, ΔW_t = B_t A_t. If A_t's rows are orthogonal to the
 earlier tasks' input subspace M (orthonormal columns, per layer), ΔW_t x = 0 for every earlier
-input x in span(M): the new task cannot interfere with the old ones (the paper's Eq. 9-10 condition).
+input x in span(M): the new task cannot interfere with the old ones (the paper's interference-free condition).
 The design takes the new task's inputs H_t (collected in the loop's ``prepare`` hook on its first
 batches) and sets A_t's rows to the top-r eigenvectors of
 

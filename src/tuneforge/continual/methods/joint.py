@@ -1,5 +1,5 @@
 """``joint``: multi-task training on every task at once, the usual upper bound of a continual stream
-(Lopez-Paz & Ranzato 2017 compare against it as "single"-model multi-task training). One stage, one
+(multi-task learning, the "MTL" reference row of continual-learning papers such as O-LoRA). One stage, one
 adapter, the union of all tasks' training data shuffled together; R has one row.
 
 Budget: the stage trains ``training.max_steps`` times the number of tasks, the total budget the

@@ -4,9 +4,9 @@ task LoRAs so far (one model, no task selector), using merge/methods.py on each 
 
     method: {name: merge, merge_method: ties, density: 0.5, weight: 1.0}
 
-- ``task_arithmetic`` (Ilharco et al. 2023, "Editing Models with Task Arithmetic", §2): W + λ Σ_k ΔW_k,
+- ``task_arithmetic`` (Ilharco et al. 2023, "Editing Models with Task Arithmetic"): W + λ Σ_k ΔW_k,
   λ = ``weight``;
-- ``ties`` (Yadav et al. 2023, "TIES-Merging", §3, Eq. in steps trim / elect sign / disjoint merge):
+- ``ties`` (Yadav et al. 2023, "TIES-Merging", steps trim / elect sign / disjoint merge):
   each ΔW_k keeps its top ``density`` magnitudes, the per-entry sign is elected from the trimmed sum,
   and the entries agreeing with it are averaged, scaled by ``weight``.
 Training a task never touches the others' LoRAs; what the merge loses is the interference between

@@ -3,7 +3,7 @@ in Language Models", EMNLP Findings, arXiv:2406.17245).
 
     method: {name: migu, top_fraction: 0.5}
 
-MIGU (§3) caches, in the forward pass, the L1-normalized magnitude of each linear layer's output,
+MIGU caches, in the forward pass, the L1-normalized magnitude of each linear layer's output,
 m_i = Σ_tokens |o_i| / Σ_j Σ_tokens |o_j|, and after backward keeps the gradient only of the weight rows
 whose m_i is among the top T (a binary top-T mask, ``top_fraction`` of the output features); the
 other rows do not move this step. Here the adapted linear layers' outputs (base + LoRA) are
@@ -65,7 +65,7 @@ class MagnitudeMask(TrainingHooks):
             magnitude = self.magnitudes.get(layer_name)
             if magnitude is None or lora.lora_B.grad is None:
                 continue
-            normalized = magnitude / magnitude.sum().clamp_min(1e-12)  # L1-normalized, as in §3
+            normalized = magnitude / magnitude.sum().clamp_min(1e-12)  # L1-normalized, as in the paper
             keep = top_mask(normalized, self.fraction).to(lora.lora_B.grad.device)
             lora.lora_B.grad[~keep] = 0
         self.magnitudes.clear()

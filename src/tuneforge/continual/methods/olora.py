@@ -5,7 +5,7 @@ Language Model Continual Learning", EMNLP Findings, arXiv:2310.14152).
 
 Each task trains a new LoRA; earlier tasks' LoRAs stay frozen and keep contributing (here folded
 into the base weights, the same function as summing frozen adapters). The new LoRA's input
-subspace is pushed to be orthogonal to each earlier one's (§3.2): with A_i the down-projection of
+subspace is pushed to be orthogonal to each earlier one's: with A_i the down-projection of
 task i (PEFT's ``lora_A``, shape (r, in); the paper writes its transpose), per layer
 
     O_{i,t} = A_i A_tᵀ,   L_orth(A_i, A_t) = Σ_{j,k} O_{i,t}[j,k]²

@@ -6,7 +6,7 @@ The buffer is filled by reservoir sampling (Vitter 1985, "Random sampling with a
 Algorithm R): the n-th example seen (0-based) enters while n < K, else replaces slot j when a uniform
 draw j in [0, n] falls below K. So after any number of examples every one seen is in the buffer
 with the same probability K/n, whichever task it came from, as in tiny episodic memories
-(Chaudhry et al. 2019, "On Tiny Episodic Memories in Continual Learning", §3 "reservoir sampling").
+(Chaudhry et al. 2019, "On Tiny Episodic Memories in Continual Learning", reservoir sampling).
 The capacity K is ``fraction`` of all earlier tasks' training examples at the last task:
 K = ceil(fraction * Σ_{i<T-1} n_i). Each task trains on its own examples plus the buffer (one
 adapter carried from task to task, as in sequential finetuning). The buffer is a pure function of

@@ -1,13 +1,13 @@
 """``task_adapters``: one adapter per task and a nearest-centroid task selector, in the style of
 ConPET's dynamic version (Song et al. 2023, "ConPET: Continual Parameter-Efficient Tuning for Large
-Language Models", arXiv:2309.14763, §3.3 "Dynamic ConPET": task-specific PET modules plus a selector
+Language Models", arXiv:2309.14763, "Dynamic ConPET": task-specific PET modules plus a selector
 that picks the module(s) for each input).
 
     method: {name: task_adapters, centroid_examples: 64}
 
 Each task trains a fresh adapter from the base, so training a later task cannot change an earlier
 task's adapter at all. ConPET learns its selector; here the selector is the simplest one it is
-compared with, nearest class mean (Rebuffi et al. 2017, iCaRL, §2.1 "nearest-mean-of-exemplars"):
+compared with, nearest class mean (Rebuffi et al. 2017, iCaRL, "nearest-mean-of-exemplars" classification):
 each adapter keeps the centroid of its task's prompt embeddings under the base model, and every
 input goes to the adapter whose centroid is most cosine-similar (routing.py). Forgetting can then
 only come from the selector sending an old task's input to the wrong adapter.
