@@ -74,7 +74,7 @@ def test_loopback_round_survives_a_crashing_client_and_counts_bytes(tmp_path, ti
 def test_loopback_slora_runs_its_two_stages_and_counts_every_message(tmp_path, tiny_model_dir):
     path = write_config(tmp_path, tiny_model_dir, method="slora", rounds=2, slora_sparse_rounds=1,
                         slora_density=0.05, port=19421, accuracy_examples=0)
-    config, settings = parse_federated_config(load_config_file(path))
+    _, settings = parse_federated_config(load_config_file(path))
     run_dir = tmp_path / "run"
     results = run_dir / "results.json"
     with LocalFederation(run_dir / "home", settings.port, settings.clients, run_dir, say=lambda _: None) as federation:
