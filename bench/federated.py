@@ -60,6 +60,7 @@ def row_config(row: str, args: argparse.Namespace, port: int) -> dict:
     if row.startswith("central"):  # one client holding everything, the clients' steps folded into its own
         fed.update(clients=1, partition="iid")
         raw["training"]["max_steps"] = args.steps * args.clients
+        raw["data"]["eval_size"] = args.eval_examples * args.clients  # the same union eval set as the federated rows
     if row == "ffa-lora":
         raw["adapter"]["method"] = "lora-fa"
         fed["method"] = "ffa-lora"
