@@ -67,7 +67,9 @@ def row_config(row: str, args: argparse.Namespace, port: int) -> dict:
     elif row == "compeft":
         fed["compress_density"] = args.density
     elif row == "slora":
-        fed.update(method="slora", slora_sparse_rounds=args.slora_sparse_rounds, slora_density=0.01)
+        # at least one LoRA round after the warm-up, also in short smoke runs
+        fed.update(method="slora", slora_sparse_rounds=min(args.slora_sparse_rounds, args.rounds - 1),
+                   slora_density=0.01)
     elif row in ("fedkseed", "central-zo"):
         raw["adapter"] = {"method": "full"}
         raw["update_rule"] = {"method": "mezo", "eps": 1e-3}
