@@ -60,13 +60,16 @@ def row_config(row: str, args: argparse.Namespace, port: int) -> dict:
     if row.startswith("central"):  # one client holding everything, the clients' steps folded into its own
         fed.update(clients=1, partition="iid")
         raw["training"]["max_steps"] = args.steps * args.clients
+        raw["data"]["eval_size"] = args.eval_examples * args.clients  # the same union eval set as the federated rows
     if row == "ffa-lora":
         raw["adapter"]["method"] = "lora-fa"
         fed["method"] = "ffa-lora"
     elif row == "compeft":
         fed["compress_density"] = args.density
     elif row == "slora":
-        fed.update(method="slora", slora_sparse_rounds=args.slora_sparse_rounds, slora_density=0.01)
+        # at least one LoRA round after the warm-up, also in short smoke runs
+        fed.update(method="slora", slora_sparse_rounds=min(args.slora_sparse_rounds, args.rounds - 1),
+                   slora_density=0.01)
     elif row in ("fedkseed", "central-zo"):
         raw["adapter"] = {"method": "full"}
         raw["update_rule"] = {"method": "mezo", "eps": 1e-3}

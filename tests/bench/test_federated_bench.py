@@ -34,6 +34,8 @@ def test_every_row_is_a_valid_config_of_its_method(bench, tmp_path):
         assert settings.rounds == 4 and config.output_dir == str(tmp_path / row)
     assert methods["fedavg"] == ("fedavg", "lora", 3, 5)
     assert methods["central"] == ("fedavg", "lora", 1, 15)  # same total steps as 3 clients × 5
+    central = parse_federated_config(bench.row_config("central", args, 19700), "central")[0]
+    assert central.data.eval_size == 3 * 64  # the union eval set the federated server scores
     assert methods["ffa-lora"][:2] == ("ffa-lora", "lora-fa")
     assert methods["slora"][:2] == ("slora", "lora")
     assert methods["fedkseed"] == ("fedkseed", "full", 3, 5) and methods["central-zo"] == ("fedkseed", "full", 1, 15)

@@ -70,6 +70,6 @@ def test_caption_totals_the_bytes_and_reports_privacy():
     rounds = {"1": {"up_bytes": {"a": 100, "b": 300}, "down_bytes": {"a": 50, "b": 50}},
               "2": {"up_bytes": {"a": 7}, "down_bytes": {"a": 5, "b": 5}}}
     caption = run_caption({"rounds": rounds, "privacy": privacy_report(1.5, 1.0, 1e-5, 2)})
-    assert "407 bytes up, 110 bytes down" in caption
+    assert "407 bytes up, 110 bytes down for training" in caption
     epsilon = 2 / 2 + (2 * 2 * math.log(1e5)) ** 0.5  # T/(2σ²) + √(2T·log(1/δ))/σ at σ = 1, T = 2
     assert "clipping norm 1.5" in caption and f"ε = {epsilon:.2f}" in caption

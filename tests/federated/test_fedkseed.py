@@ -174,3 +174,10 @@ def test_fedkseed_config_names_what_it_needs(tmp_path):
     message = str(caught.value)
     assert "adapter.method='lora'" in message and "update_rule.method='optimizer'" in message
     assert "training.weight_decay=0.1" in message
+
+
+def test_the_bundled_fedkseed_example_is_a_valid_config():
+    from tuneforge.config.overrides import load_config_file
+
+    config, settings = parse_federated_config(load_config_file("examples/federated_fedkseed.yaml"))
+    assert settings.method == "fedkseed" and config.adapter.method == "full" and settings.clients == 4

@@ -69,3 +69,25 @@ def test_loopback_round_survives_a_crashing_client_and_counts_bytes(tmp_path, ti
     assert set(outcome["global_exact_match"]) == {"0", "1"}  # scored by generation before and after the round
     assert all(0.0 <= value <= 1.0 for value in outcome["global_exact_match"].values())
     assert {m["partition-id"] for m in round_one["client_eval"].values()} == {0, 1}  # each on its own data
+
+
+def test_loopback_slora_runs_its_two_stages_and_counts_every_message(tmp_path, tiny_model_dir):
+    path = write_config(tmp_path, tiny_model_dir, method="slora", rounds=2, slora_sparse_rounds=1,
+                        slora_density=0.05, port=19421, accuracy_examples=0)
+    _, settings = parse_federated_config(load_config_file(path))
+    run_dir = tmp_path / "run"
+    results = run_dir / "results.json"
+    with LocalFederation(run_dir / "home", settings.port, settings.clients, run_dir, say=lambda _: None) as federation:
+        federation.run_app(write_flower_app(run_dir / "app"), {"config": str(path), "results": str(results)}, 900)
+    outcome = json.loads(results.read_text())
+    assert set(outcome["global_eval_loss"]) == {"0", "1", "2"}  # stage 1 is round 1, stage 2 round 2
+    assert "eval-loss" in outcome["stage_start"]["1"]  # the SVD-initialised LoRA, scored before stage 2
+    sparse_round, lora_round = outcome["rounds"]["1"], outcome["rounds"]["2"]
+    for record in (sparse_round, lora_round):  # training and evaluation messages, each client, both ways
+        for kind in ("up_bytes", "down_bytes", "eval_up_bytes", "eval_down_bytes"):
+            assert len(record[kind]) == 2 and all(b > 0 for b in record[kind].values()), kind
+    # stage 1 sends 5% of q/v's entries as values; stage 2 the r=4 LoRA factors of the same layers
+    for sent in sparse_round["up_bytes"].values():
+        assert sent < min(lora_round["up_bytes"].values())
+    final = np.load(run_dir / "global_adapter.npz")
+    assert any(key.endswith("lora_A.weight") for key in final.files)

@@ -308,12 +308,19 @@ class ScreenedFedAvg(FedAvg):
         record["privacy"] = {"clipping_norm": clipping_norm, "noise_std": noise_std}
         return dict(zip(sorted(averaged), noisy))
 
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        record = self.rounds.setdefault(server_round, {})
+        record["eval_down_bytes"] = {str(m.metadata.dst_node_id): content_bytes(m.content) for m in messages}
+        return messages
+
     def aggregate_evaluate(self, server_round, replies):
         record = self.rounds.setdefault(server_round, {})
         for reply in replies:
             if not reply.has_error():
-                metrics = reply.content["metrics"]
-                record.setdefault("client_eval", {})[str(reply.metadata.src_node_id)] = dict(metrics)
+                node = str(reply.metadata.src_node_id)
+                record.setdefault("client_eval", {})[node] = dict(reply.content["metrics"])
+                record.setdefault("eval_up_bytes", {})[node] = content_bytes(reply.content)
         return None
 
 

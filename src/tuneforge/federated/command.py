@@ -54,7 +54,10 @@ def run_caption(results: dict) -> str:
     records = results["rounds"].values()
     up = sum(sum(r.get("up_bytes", {}).values()) for r in records)
     down = sum(sum(r.get("down_bytes", {}).values()) for r in records)
-    caption = f"run total: {up:,} bytes up, {down:,} bytes down (all clients)"
+    eval_traffic = sum(sum(r.get(k, {}).values()) for r in records for k in ("eval_up_bytes", "eval_down_bytes"))
+    caption = f"run total: {up:,} bytes up, {down:,} bytes down for training (all clients)"
+    if eval_traffic:
+        caption += f", {eval_traffic:,} bytes for client evaluation"
     privacy = results.get("privacy")
     if privacy:
         epsilon = "no finite ε (no noise)" if privacy["epsilon"] is None else f"ε = {privacy['epsilon']:.2f}"
