@@ -33,7 +33,10 @@ from tuneforge.config.overrides import load_config_file
 from tuneforge.config.schema import parse_train_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-TRAINING_EXAMPLES = sorted(path for path in EXAMPLES.rglob("*.yaml") if "adapter" in load_config_file(path))
+# Examples that train an adapter; full finetunes (FedKSeed's example) write a model, not a PEFT adapter.
+TRAINING_EXAMPLES = sorted(path for path in EXAMPLES.rglob("*.yaml")
+                           if (load_config_file(path).get("adapter") or {}).get("method", "lora") != "full"
+                           and "adapter" in load_config_file(path))
 SMALLEST_EXAMPLE_RANK = 8
 
 
