@@ -190,8 +190,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     finally:
         log.close()
     train_seconds = time.perf_counter() - start
-    require_finite_adapter(model, state.step, "the final adapter", _name_of(latest_checkpoint(run_dir)))
+    strategy.gather_full_weights(model)  # FSDP: rank 0's model now holds whole tensors (a collective)
     if strategy.is_main:
+        require_finite_adapter(model, state.step, "the final adapter", _name_of(latest_checkpoint(run_dir)))
         adapter_dir = (_save_final_model(model, tokenizer, run_dir) if full else _save_final_adapter(model, run_dir, config))
         discard_replaced_runs(run_dir)
         plot_loss_curve(run_dir)
@@ -449,17 +450,22 @@ def _clip_and_measure(optimizer, max_grad_norm: float | None) -> float:
     if not params:
         return 0.0
     if max_grad_norm is not None:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        return _whole_value(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    return _whole_value(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+
+def _whole_value(norm: torch.Tensor) -> float:
+    """FSDP's gradients are DTensor shards: their norm is a replicated DTensor, computed across ranks."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _evaluate_and_check_stop(model, tokenizer, data: PreparedData, config: TrainConfig, state: TrainState,
                              log: MetricsLog, progress, strategy, objective: Objective) -> bool:
     if not data.eval_batches:
         return False
-    with eager_only():
-        eval_loss, eval_metrics = objective.evaluate(model, data.eval_batches, strategy.device)
-        accuracy = _eval_exact_match(model, tokenizer, data, config, strategy.device)
+    with eager_only():  # through the strategy: FSDP gathers the sharded weights for each layer
+        eval_loss, eval_metrics = strategy.run(lambda m: objective.evaluate(m, data.eval_batches, strategy.device), model)
+        accuracy = strategy.run(lambda m: _eval_exact_match(m, tokenizer, data, config, strategy.device), model)
     record = {"step": state.step, "eval_loss": eval_loss, **eval_metrics}
     line = f"step {state.step}: eval loss {eval_loss:.4f}"
     if objective.name == "sft":  # perplexity means something for a token cross-entropy only

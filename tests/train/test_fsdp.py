@@ -1,0 +1,66 @@
+"""FSDP2 (fully_shard over gloo, 2 CPU processes) against one process.
+
+Oracle: the run's definition, as for DDP (test_distributed.py). ``training.batch_size`` is the
+global micro-batch, so full finetuning sharded over 2 ranks (each b rows, each holding half of every
+weight, gradient and AdamW moment) must take the steps of one process with batch 2b: the same loss,
+the same gradient norm (FSDP's default reduce-scatter averages; an average would halve it) and the
+same final weights in ``model/``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_distributed import assert_same_steps, launch, model_dir, settings, train_records, write_config  # noqa: F401
+
+from tuneforge.config import parse_train_config
+from tuneforge.errors import ConfigError
+from tuneforge.train import train
+from tuneforge.train.strategy import check_distributed, chosen_strategy
+
+
+def full_settings(model_dir, output_dir, **training):
+    values = settings(model_dir, output_dir, **{"lr": 1e-3, **training})
+    values["adapter"] = {"method": "full"}
+    values["distributed"] = {"strategy": "fsdp"}
+    return values
+
+
+def model_tensors(run_dir):
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def assert_same_weights(mine, theirs):
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fsdp_full_finetuning_on_two_ranks_takes_the_steps_of_one_process(tmp_path, model_dir, one_torch_thread):
+    reference = train(parse_train_config(full_settings(model_dir, tmp_path / "one")))
+    expected, expected_weights = train_records(reference.run_dir), model_tensors(reference.run_dir)
+    base = load_file(model_dir / "model.safetensors")
+    assert any(not torch.equal(expected_weights[k], base[k]) for k in base), "the weights must have trained"
+
+    config = write_config(tmp_path, full_settings(model_dir, tmp_path / "two"))
+    result = launch(["-m", "tuneforge", "train", str(config), "--nproc", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_steps(train_records(tmp_path / "two"), expected)
+    assert_same_weights(model_tensors(tmp_path / "two"), expected_weights)
+
+
+@pytest.mark.parametrize("values, strategy", [
+    ({"adapter": {"method": "full"}}, "fsdp"),
+    ({"adapter": {"method": "lora"}}, "ddp"),
+    ({"adapter": {"method": "full"}, "distributed": {"strategy": "ddp"}}, "ddp"),
+])
+def test_auto_picks_fsdp_for_full_finetuning_and_ddp_for_adapters(values, strategy):
+    assert chosen_strategy(parse_train_config(values)) == strategy
+
+
+def test_qlora_under_fsdp_is_refused_before_anything_loads():
+    config = parse_train_config({"training": {"batch_size": 4}, "distributed": {"strategy": "fsdp"},
+                                 "quantization": {"bits": 4}})
+    with pytest.raises(ConfigError, match="QLoRA .* does not run under FSDP"):
+        check_distributed(config, 2)
