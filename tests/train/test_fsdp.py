@@ -64,3 +64,28 @@ def test_qlora_under_fsdp_is_refused_before_anything_loads():
                                  "quantization": {"bits": 4}})
     with pytest.raises(ConfigError, match="QLoRA .* does not run under FSDP"):
         check_distributed(config, 2)
+
+
+def test_fsdp_lora_on_two_ranks_takes_the_steps_of_one_process(tmp_path, model_dir, one_torch_thread):
+    """Frozen base weights and trainable float32 LoRA factors share each layer's FSDP unit."""
+    from test_distributed import adapter_tensors, assert_same_adapter
+
+    values = settings(model_dir, tmp_path / "one")
+    reference = train(parse_train_config(values))
+    config = write_config(tmp_path, {**settings(model_dir, tmp_path / "two"), "distributed": {"strategy": "fsdp"}})
+    result = launch(["-m", "tuneforge", "train", str(config), "--nproc", "2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_steps(train_records(tmp_path / "two"), train_records(reference.run_dir))
+    assert_same_adapter(adapter_tensors(tmp_path / "two"), adapter_tensors(reference.run_dir))
+
+
+def test_a_bf16_base_with_a_float32_adapter_gets_a_mixed_precision_policy():
+    from torch import nn
+
+    from tuneforge.train.strategy import mixed_precision_policy
+
+    layer = nn.Linear(4, 4).to(torch.bfloat16)
+    layer.register_parameter("adapter", nn.Parameter(torch.zeros(4)))  # float32, as tuneforge's LoRA factors
+    policy = mixed_precision_policy(layer)
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert mixed_precision_policy(nn.Linear(4, 4)).param_dtype is None  # one dtype: no casting
