@@ -37,17 +37,38 @@ def assert_same_weights(mine, theirs):
         torch.testing.assert_close(mine[name], theirs[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_fsdp_full_finetuning_on_two_ranks_takes_the_steps_of_one_process(tmp_path, model_dir, one_torch_thread):
-    reference = train(parse_train_config(full_settings(model_dir, tmp_path / "one")))
+def test_fsdp_full_finetuning_on_two_ranks_takes_the_steps_of_one_process_and_resumes_across_world_sizes(
+        tmp_path, model_dir, one_torch_thread):
+    one_settings = full_settings(model_dir, tmp_path / "one", max_steps=4, save_every=2)
+    reference = train(parse_train_config(one_settings))
     expected, expected_weights = train_records(reference.run_dir), model_tensors(reference.run_dir)
     base = load_file(model_dir / "model.safetensors")
     assert any(not torch.equal(expected_weights[k], base[k]) for k in base), "the weights must have trained"
 
-    config = write_config(tmp_path, full_settings(model_dir, tmp_path / "two"))
+    # 2 ranks x 2 rows per micro-batch, each rank holding half of every weight == 1 process x 4 rows.
+    two_settings = full_settings(model_dir, tmp_path / "two", max_steps=4, save_every=2)
+    config = write_config(tmp_path, two_settings)
     result = launch(["-m", "tuneforge", "train", str(config), "--nproc", "2"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_steps(train_records(tmp_path / "two"), expected)
     assert_same_weights(model_tensors(tmp_path / "two"), expected_weights)
+    checkpoint = tmp_path / "two" / "checkpoints" / "step-0000002"
+    shard_files = sorted(p.name for p in (checkpoint / "sharded").iterdir())
+    assert shard_files == [".metadata", "__0_0.distcp", "__1_0.distcp"], "each rank writes its own shards (DCP)"
+    assert not (checkpoint / "weights").exists()
+
+    # 2 -> 1: the sharded step-2 checkpoint resumed in one process takes the same steps 3 and 4.
+    resumed = []
+    train(parse_train_config(two_settings), resume=True, on_step=lambda step, loss: resumed.append(loss))
+    assert resumed == pytest.approx([r["train_loss"] for r in expected[2:]], rel=1e-5)
+    assert_same_weights(model_tensors(tmp_path / "two"), expected_weights)
+
+    # 1 -> 2: the one-process step-2 checkpoint (whole tensors) resumed on two FSDP ranks.
+    config = write_config(tmp_path, one_settings, name="one.yaml")
+    result = launch(["-m", "tuneforge", "train", str(config), "--nproc", "2", "--resume"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same_steps(train_records(tmp_path / "one"), expected)
+    assert_same_weights(model_tensors(tmp_path / "one"), expected_weights)
 
 
 @pytest.mark.parametrize("values, strategy", [

@@ -41,6 +41,7 @@ from tuneforge.train.checkpoint import (
     remove_stale_temp_dirs,
     replace_dir,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from tuneforge.train.compile import compile_decoder_layers, eager_only
 from tuneforge.train.data_setup import PreparedData, eval_source, prepare_data
@@ -132,7 +133,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     base_name = config.model
 
     def save(reason: str) -> Path | None:
-        require_finite_adapter(model, state.step, f"the {reason} checkpoint", _name_of(latest_checkpoint(run_dir)))
+        if strategy.shards_state and reason == "interrupt":
+            return None  # FSDP saves are collective, and the other ranks may be gone: resume from the last scheduled one
+        require_finite_adapter(model, state.step, f"the {reason} checkpoint", _name_of(latest_checkpoint(run_dir)),
+                               count_elsewhere=strategy.reduce_sum if strategy.shards_state else None)
+        if strategy.shards_state:  # FSDP: every rank writes its shards (DCP)
+            return save_sharded_checkpoint(run_dir, model, optimizer, scheduler, state, config.training.keep_checkpoints,
+                                           strategy.is_main, hooks, extra={"update_rule": rule.state_dict()})
         if not strategy.is_main:  # DDP: every rank holds the same adapter and optimizer state; rank 0 saves it
             return None
         path = save_checkpoint(run_dir, model, ADAPTER_NAME, optimizer, scheduler, state,

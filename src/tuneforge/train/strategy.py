@@ -51,6 +51,7 @@ class SingleProcess:
     world_size = 1
     rank = 0
     is_main = True
+    shards_state = False  # FSDP: every rank holds part of the weights and writes its part of a checkpoint
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -149,6 +150,8 @@ class DataParallel(SingleProcess):
 
 class FullyShardedDataParallel(DataParallel):
     """FSDP2 over ``world_size`` processes; see the module docstring."""
+
+    shards_state = True
 
     def __init__(self, device: torch.device, rank: int, world_size: int, reshard_after_forward: bool = True):
         super().__init__(device, rank, world_size)
