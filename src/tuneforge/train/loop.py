@@ -197,6 +197,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     finally:
         log.close()
     train_seconds = time.perf_counter() - start
+    if strategy.shards_state:
+        optimizer.state.clear()  # the final save needs no AdamW state: free it before rank 0 gathers whole weights
     strategy.gather_full_weights(model)  # FSDP: rank 0's model now holds whole tensors (a collective)
     if strategy.is_main:
         require_finite_adapter(model, state.step, "the final adapter", _name_of(latest_checkpoint(run_dir)))
