@@ -25,7 +25,7 @@ process's own (VmHWM on CPU, including the model load; max allocated on CUDA).
 The FSDP2 figure is the largest per-rank peak of fsdp-2x1 over the peak of full-1x1 (goal: at most
 0.6; the ideal is 0.5 plus what is not sharded: activations, one gathered layer, the libraries).
 ``llama-0.5b-random`` is the random 0.5B Llama of bench/full_finetune_memory.py, saved once under
---workdir (2 GB) so that every process loads it.
+--workdir (1.6 GB) so that every process loads it.
 """
 
 from __future__ import annotations
