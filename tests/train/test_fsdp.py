@@ -80,11 +80,17 @@ def test_auto_picks_fsdp_for_full_finetuning_and_ddp_for_adapters(values, strate
     assert chosen_strategy(parse_train_config(values)) == strategy
 
 
-def test_qlora_under_fsdp_is_refused_before_anything_loads():
-    config = parse_train_config({"training": {"batch_size": 4}, "distributed": {"strategy": "fsdp"},
-                                 "quantization": {"bits": 4}})
-    with pytest.raises(ConfigError, match="QLoRA .* does not run under FSDP"):
+@pytest.mark.parametrize("values, message", [
+    ({"quantization": {"bits": 4}}, "QLoRA .* does not run under FSDP"),
+    ({"training": {"batch_size": 4, "optimizer": "adamw8bit"}}, "optimizer='adamw8bit' .* not tested"),
+    ({"training": {"batch_size": 4, "compile": True}}, "training.compile is not tested under FSDP"),
+])
+def test_what_fsdp_cannot_shard_is_refused_before_anything_loads(values, message):
+    config = parse_train_config({"training": {"batch_size": 4}, "distributed": {"strategy": "fsdp"}, **values})
+    with pytest.raises(ConfigError, match=message):
         check_distributed(config, 2)
+    check_distributed(parse_train_config({**values, "training": {"batch_size": 4, **values.get("training", {})},
+                                          "distributed": {"strategy": "ddp"}}), 2)  # DDP takes them
 
 
 def test_fsdp_lora_on_two_ranks_takes_the_steps_of_one_process(tmp_path, model_dir, one_torch_thread):

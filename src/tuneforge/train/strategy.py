@@ -311,6 +311,9 @@ def _fsdp_problems(config) -> list[str]:
                         "communicated) or run in one process")
     if config.training.compile:
         problems.append("training.compile is not tested under FSDP; set it to false or use distributed.strategy: ddp")
+    if config.training.optimizer != "adamw":
+        problems.append(f"training.optimizer={config.training.optimizer!r} keeps quantized state that is not tested on "
+                        "FSDP's sharded weights; use optimizer: adamw or distributed.strategy: ddp")
     return problems
 
 
