@@ -12,11 +12,20 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import assert_same_steps, launch, model_dir, settings, train_records, write_config  # noqa: F401
+from test_distributed import (  # noqa: F401 - model_dir and other_model_dir are fixtures
+    assert_same_steps,
+    launch,
+    model_dir,
+    other_model_dir,
+    settings,
+    train_records,
+    write_config,
+)
 
 from tuneforge.config import parse_train_config
 from tuneforge.errors import ConfigError
 from tuneforge.train import train
+from tuneforge.train.checkpoint import CheckpointError
 from tuneforge.train.strategy import check_distributed, chosen_strategy
 
 
@@ -38,7 +47,7 @@ def assert_same_weights(mine, theirs):
 
 
 def test_fsdp_full_finetuning_on_two_ranks_takes_the_steps_of_one_process_and_resumes_across_world_sizes(
-        tmp_path, model_dir, one_torch_thread):
+        tmp_path, model_dir, other_model_dir, one_torch_thread):
     one_settings = full_settings(model_dir, tmp_path / "one", max_steps=4, save_every=2)
     reference = train(parse_train_config(one_settings))
     expected, expected_weights = train_records(reference.run_dir), model_tensors(reference.run_dir)
@@ -62,6 +71,11 @@ def test_fsdp_full_finetuning_on_two_ranks_takes_the_steps_of_one_process_and_re
     train(parse_train_config(two_settings), resume=True, on_step=lambda step, loss: resumed.append(loss))
     assert resumed == pytest.approx([r["train_loss"] for r in expected[2:]], rel=1e-5)
     assert_same_weights(model_tensors(tmp_path / "two"), expected_weights)
+
+    # The sharded checkpoint meets another model (--resume-anyway skips the config comparison): a clear error.
+    other = full_settings(other_model_dir, tmp_path / "two", max_steps=4, save_every=2)
+    with pytest.raises(CheckpointError, match="does not fit this run's trainable weights"):
+        train(parse_train_config(other), resume_anyway=True)
 
     # 1 -> 2: the one-process step-2 checkpoint (whole tensors) resumed on two FSDP ranks.
     config = write_config(tmp_path, one_settings, name="one.yaml")
@@ -99,7 +113,9 @@ def test_fsdp_lora_on_two_ranks_takes_the_steps_of_one_process(tmp_path, model_d
 
     values = settings(model_dir, tmp_path / "one")
     reference = train(parse_train_config(values))
-    config = write_config(tmp_path, {**settings(model_dir, tmp_path / "two"), "distributed": {"strategy": "fsdp"}})
+    # ZeRO-2-like here (the full-finetuning test runs the default, ZeRO-3-like): the same steps either way.
+    config = write_config(tmp_path, {**settings(model_dir, tmp_path / "two"),
+                                     "distributed": {"strategy": "fsdp", "fsdp": {"reshard_after_forward": False}}})
     result = launch(["-m", "tuneforge", "train", str(config), "--nproc", "2"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_steps(train_records(tmp_path / "two"), train_records(reference.run_dir))

@@ -56,6 +56,7 @@ def save_sharded(folder: Path, model: nn.Module, optimizer) -> None:
 def load_sharded(folder: Path, model: nn.Module, optimizer) -> None:
     """Every rank calls this: each reads the parts of the saved tensors its shards cover."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     from tuneforge.train.checkpoint import CheckpointError
@@ -65,12 +66,20 @@ def load_sharded(folder: Path, model: nn.Module, optimizer) -> None:
         with warnings.catch_warnings():  # one process reading a sharded checkpoint is what 2 -> 1 means
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, checkpoint_id=str(folder))
-    except Exception as exc:  # noqa: BLE001 - DCP reports missing keys and shape mismatches in many types
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{folder} does not fit this run's trainable weights ({first_line[:300]}): it was saved "
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - CheckpointException is a BaseException
+        raise CheckpointError(f"{folder} does not fit this run's trainable weights ({_reason(exc)}): it was saved "
                               "by another model or adapter; resume it with the config it was trained with") from None
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def _reason(exc: BaseException) -> str:
+    """The first failure's own message: DCP wraps each rank's exception in a CheckpointException."""
+    failures = getattr(exc, "failures", None)
+    if failures:
+        exc = getattr(next(iter(failures.values())), "exc", exc)
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
 def load_whole_into_shards(weights: dict[str, torch.Tensor], optimizer_state: dict, model: nn.Module, optimizer) -> None:
