@@ -76,6 +76,11 @@ def test_fsdp_full_finetuning_on_two_ranks_takes_the_steps_of_one_process_and_re
     other = full_settings(other_model_dir, tmp_path / "two", max_steps=4, save_every=2)
     with pytest.raises(CheckpointError, match="does not fit this run's trainable weights"):
         train(parse_train_config(other), resume_anyway=True)
+    result = launch(["-m", "tuneforge", "train", str(write_config(tmp_path, other, name="other.yaml")), "--nproc", "2",
+                     "--resume-anyway"], tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("Size mismatch") == 2, result.stderr[-3000:]  # one clear error per rank, no hang
+    assert "Traceback" not in result.stderr
 
     # 1 -> 2: the one-process step-2 checkpoint (whole tensors) resumed on two FSDP ranks.
     config = write_config(tmp_path, one_settings, name="one.yaml")

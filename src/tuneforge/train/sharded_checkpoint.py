@@ -77,7 +77,8 @@ def _reason(exc: BaseException) -> str:
     """The first failure's own message: DCP wraps each rank's exception in a CheckpointException."""
     failures = getattr(exc, "failures", None)
     if failures:
-        exc = getattr(next(iter(failures.values())), "exc", exc)
+        first = next(iter(failures.values()))  # in one process a wrapper holding .exc; across ranks the exception
+        exc = getattr(first, "exc", first)
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
