@@ -41,3 +41,17 @@ def test_two_ranks_report_their_memory_and_train_the_one_process_run(tmp_path, o
     args = type("Args", (), dict(steps=2, batch_size=4, max_seq_len=96, device="cpu"))
     one = train(parse_train_config(bench.train_settings(args, str(tmp_path / "tiny-model"), tmp_path / "one")))
     assert row["final_train_loss"] == pytest.approx(one.final_train_loss, rel=1e-5)
+
+
+def test_the_fsdp_rows_train_the_same_run_and_report_the_memory_ratio(tmp_path):
+    output = tmp_path / "results.json"
+    command = [sys.executable, str(BENCH_SCRIPT), "--model", "tiny", "--setups", "full-1x1,fsdp-2x1", "--steps", "2",
+               "--batch-size", "4", "--max-seq-len", "96", "--workdir", str(tmp_path), "--output", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(load_bench().SRC)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = json.loads(output.read_text())
+    assert (one["setup"], two["setup"]) == ("full-1x1", "fsdp-2x1") and len(two["peak_memory_mib_per_rank"]) == 2
+    assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], rel=1e-5)  # the same run, sharded
+    ratio = max(two["peak_memory_mib_per_rank"]) / one["peak_memory_mib_per_rank"][0]
+    assert f"2 ranks / peak of 1 process: {ratio:.2f}x" in result.stdout

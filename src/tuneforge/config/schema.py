@@ -166,11 +166,20 @@ class TrainingConfig(Section):
         return self
 
 
+class FsdpConfig(Section):
+    reshard_after_forward: bool = Field(
+        True, description="free each decoder layer's gathered weights after its forward and gather them again for "
+                          "backward (ZeRO-3-like, least memory); false keeps them until backward (ZeRO-2-like, "
+                          "fewer all-gathers)")
+
+
 class DistributedConfig(Section):
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="how several processes (torchrun, or `tuneforge train --nproc N`) share the work: ddp "
-                            "(each holds the model, gradients all-reduced) or fsdp; auto: ddp. One process ignores it. "
-                            "training.batch_size is the global micro-batch, split evenly across the processes")
+                            "(each holds the model, gradients all-reduced) or fsdp (FSDP2: weights, gradients and "
+                            "optimizer state sharded); auto: fsdp for full finetuning, ddp for adapters. One process "
+                            "ignores it. training.batch_size is the global micro-batch, split evenly across the processes")
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="FSDP2 settings (distributed.strategy: fsdp)")
     timeout_seconds: int = Field(600, gt=0, description="how long a process waits for the others in a collective "
                                                         "before the job fails")
 

@@ -108,6 +108,37 @@ def save_checkpoint(run_dir: Path, model: nn.Module, adapter_name: str, optimize
     return final
 
 
+def save_sharded_checkpoint(run_dir: Path, model: nn.Module, optimizer, scheduler, state: TrainState, keep: int,
+                            is_main: bool, hooks=None, extra: dict | None = None) -> Path | None:
+    """FSDP: every rank writes its shards of the weights and optimizer into ``sharded/`` (DCP, see
+    sharded_checkpoint.py); rank 0 writes the rest and renames the folder into place, as above."""
+    import torch.distributed as dist
+
+    from tuneforge.train.sharded_checkpoint import SHARDED, save_sharded
+
+    root = run_dir / CHECKPOINTS
+    final = root / f"step-{state.step:07d}"
+    tmp = root / f"{TEMP_PREFIX}step-{state.step:07d}-sharded"  # one name every rank agrees on
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    save_sharded(tmp / SHARDED, model, optimizer)  # returns once every rank's shards and the index are written
+    if is_main:
+        try:
+            torch.save({"scheduler": scheduler.state_dict(), "rng": rng_states(), "state": asdict(state),
+                        "hooks": hooks.state_dict() if hooks is not None else {}, **(extra or {})}, tmp / STATE_FILE)
+            fsync_tree(tmp)
+            replace_dir(tmp, final)
+            _fsync_path(root)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(_save_failure(final, root, exc)) from None
+        _prune(root, keep)
+    dist.barrier()  # no rank moves on (or saves again) before the folder is in place
+    return final if is_main else None
+
+
 def _save_failure(final: Path, root: Path, exc: OSError) -> str:
     reason = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
     earlier = [p for p in list_checkpoints(root.parent) if p != final]
@@ -190,14 +221,37 @@ def read_trainer_state(path: Path) -> dict:
 def load_checkpoint(path: Path, model: nn.Module, adapter_name: str, optimizer, scheduler, hooks=None,
                     full_weights=None) -> tuple[TrainState, dict]:
     """Restore everything saved at ``path``; returns the train state and the whole saved dict."""
+    from tuneforge.train.sharded_checkpoint import SHARDED, is_sharded, load_sharded
+
     saved = read_trainer_state(path)
-    if full_weights is not None:
-        full_weights.load(path / "weights")
+    if (path / SHARDED).is_dir():  # written under FSDP: resumes on any world size, sharded or not
+        load_sharded(path / SHARDED, model, optimizer)
+    elif is_sharded(model):
+        _load_whole_checkpoint_into_shards(path, saved, model, optimizer, full_weights)
     else:
-        load_adapter_weights(model, path / "adapter", adapter_name)
-    optimizer.load_state_dict(saved["optimizer"])
+        if full_weights is not None:
+            full_weights.load(path / "weights")
+        else:
+            load_adapter_weights(model, path / "adapter", adapter_name)
+        optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     restore_rng_states(saved["rng"])
     if hooks is not None:
         hooks.load_state_dict(saved.get("hooks", {}))
     return TrainState(**saved["state"]), saved
+
+
+def _load_whole_checkpoint_into_shards(path: Path, saved: dict, model: nn.Module, optimizer, full_weights) -> None:
+    """A checkpoint of one process (or of DDP) resumed under FSDP."""
+    from tuneforge.train.full import WEIGHTS_FILE, load_weights_file
+    from tuneforge.train.sharded_checkpoint import load_whole_into_shards, trainable_names
+
+    if full_weights is None:
+        raise CheckpointError(f"{path} holds an adapter saved by one process (or DDP); under FSDP only full-finetuning "
+                              "checkpoints of one process resume. Resume it with distributed.strategy: ddp")
+    weights = load_weights_file(path / "weights", trainable_names(model))
+    try:
+        load_whole_into_shards(weights, saved["optimizer"], model, optimizer)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path / 'weights' / WEIGHTS_FILE} does not fit this model ({str(exc).splitlines()[0][:300]}): "
+                              "it belongs to another model; resume it with the config it was trained with") from None

@@ -89,22 +89,30 @@ def load_trainable(model: nn.Module, directory: Path, expected: set[str]) -> Non
     """Copy a checkpoint's tensors into the model; names or shapes that disagree are refused."""
     from tuneforge.train.checkpoint import CheckpointError
 
-    if not (directory / WEIGHTS_FILE).is_file():
-        raise CheckpointError(f"{directory.parent} holds no {directory.name}/{WEIGHTS_FILE}: it was not saved by a full "
-                              "finetune (adapter.method: full); resume it with the adapter it was trained with")
-    saved = load_file(str(directory / WEIGHTS_FILE))
+    saved = load_weights_file(directory, expected)
     params = dict(model.named_parameters())
-    if set(saved) != expected:
-        missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
-        raise CheckpointError(
-            f"{directory / WEIGHTS_FILE} does not hold this run's trainable weights (missing {missing[:3]}, "
-            f"unexpected {extra[:3]}): resume with the adapter.trainable/adapter.layers it was saved with")
     with torch.no_grad():
         for name, tensor in saved.items():
             if params[name].shape != tensor.shape:
                 raise CheckpointError(f"{directory / WEIGHTS_FILE}: {name} has shape {tuple(tensor.shape)}, the model "
                                       f"{tuple(params[name].shape)}: the checkpoint belongs to another model")
             params[name].copy_(tensor)
+
+
+def load_weights_file(directory: Path, expected: set[str]) -> dict[str, torch.Tensor]:
+    """A checkpoint's trainable tensors; names that disagree with ``expected`` are refused."""
+    from tuneforge.train.checkpoint import CheckpointError
+
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{directory.parent} holds no {directory.name}/{WEIGHTS_FILE}: it was not saved by a full "
+                              "finetune (adapter.method: full); resume it with the adapter it was trained with")
+    saved = load_file(str(directory / WEIGHTS_FILE))
+    if set(saved) != expected:
+        missing, extra = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        raise CheckpointError(
+            f"{directory / WEIGHTS_FILE} does not hold this run's trainable weights (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}): resume with the adapter.trainable/adapter.layers it was saved with")
+    return saved
 
 
 def save_full_model(model: nn.Module, directory: Path, tokenizer=None) -> None:

@@ -43,6 +43,7 @@ from tuneforge.train.checkpoint import (
     remove_stale_temp_dirs,
     replace_dir,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from tuneforge.train.compile import compile_decoder_layers, eager_only
 from tuneforge.train.data_setup import PreparedData, eval_source, prepare_data
@@ -144,7 +145,13 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     base_name = config.model
 
     def save(reason: str) -> Path | None:
-        require_finite_adapter(model, state.step, f"the {reason} checkpoint", _name_of(latest_checkpoint(run_dir)))
+        if strategy.shards_state and reason == "interrupt":
+            return None  # FSDP saves are collective, and the other ranks may be gone: resume from the last scheduled one
+        require_finite_adapter(model, state.step, f"the {reason} checkpoint", _name_of(latest_checkpoint(run_dir)),
+                               count_elsewhere=strategy.reduce_sum if strategy.shards_state else None)
+        if strategy.shards_state:  # FSDP: every rank writes its shards (DCP)
+            return save_sharded_checkpoint(run_dir, model, optimizer, scheduler, state, config.training.keep_checkpoints,
+                                           strategy.is_main, hooks, extra={"update_rule": rule.state_dict()})
         if not strategy.is_main:  # DDP: every rank holds the same adapter and optimizer state; rank 0 saves it
             return None
         path = save_checkpoint(run_dir, model, ADAPTER_NAME, optimizer, scheduler, state,
@@ -202,9 +209,12 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     finally:
         log.close()
     train_seconds = time.perf_counter() - start
-    require_finite_adapter(model, state.step, "the final adapter", _name_of(latest_checkpoint(run_dir)))
+    if strategy.shards_state:
+        optimizer.state.clear()  # the final save needs no AdamW state: free it before rank 0 gathers whole weights
+    strategy.gather_full_weights(model)  # FSDP: rank 0's model now holds whole tensors (a collective)
     unfuse_projections(model)  # the caller gets a model whose base layers own their weights
     if strategy.is_main:
+        require_finite_adapter(model, state.step, "the final adapter", _name_of(latest_checkpoint(run_dir)))
         adapter_dir = (_save_final_model(model, tokenizer, run_dir) if full else _save_final_adapter(model, run_dir, config))
         discard_replaced_runs(run_dir)
         plot_loss_curve(run_dir)
@@ -481,17 +491,22 @@ def _clip_and_measure(optimizer, max_grad_norm: float | None) -> float:
     if not params:
         return 0.0
     if max_grad_norm is not None:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        return _whole_value(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    return _whole_value(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+
+def _whole_value(norm: torch.Tensor) -> float:
+    """FSDP's gradients are DTensor shards: their norm is a replicated DTensor, computed across ranks."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _evaluate_and_check_stop(model, tokenizer, data: PreparedData, config: TrainConfig, state: TrainState,
                              log: MetricsLog, progress, strategy, objective: Objective) -> bool:
     if not data.eval_batches:
         return False
-    with eager_only():
-        eval_loss, eval_metrics = objective.evaluate(model, data.eval_batches, strategy.device)
-        accuracy = _eval_exact_match(model, tokenizer, data, config, strategy.device)
+    with eager_only():  # through the strategy: FSDP gathers the sharded weights for each layer
+        eval_loss, eval_metrics = strategy.run(lambda m: objective.evaluate(m, data.eval_batches, strategy.device), model)
+        accuracy = strategy.run(lambda m: _eval_exact_match(m, tokenizer, data, config, strategy.device), model)
     record = {"step": state.step, "eval_loss": eval_loss, **eval_metrics}
     line = f"step {state.step}: eval loss {eval_loss:.4f}"
     if objective.name == "sft":  # perplexity means something for a token cross-entropy only

@@ -76,14 +76,20 @@ class NonFiniteGuard:
 def first_non_finite_parameter(model: nn.Module) -> str | None:
     """The name of the first trainable parameter holding NaN or inf, or None when all are finite."""
     for name, param in model.named_parameters():
-        if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
+        local = param.to_local() if hasattr(param, "to_local") else param  # FSDP: this rank's shard
+        if param.requires_grad and not bool(torch.isfinite(local.detach()).all()):
             return name
     return None
 
 
-def require_finite_adapter(model: nn.Module, step: int, what: str, last_good: str | None) -> None:
-    """Refuse to write ``what`` (a checkpoint, the final adapter) from weights holding NaN/inf."""
+def require_finite_adapter(model: nn.Module, step: int, what: str, last_good: str | None,
+                           count_elsewhere=None) -> None:
+    """Refuse to write ``what`` (a checkpoint, the final adapter) from weights holding NaN/inf.
+    ``count_elsewhere`` sums a number over the processes (FSDP: each sees only its shards, and all
+    must refuse together rather than leave the others waiting in the save)."""
     bad = first_non_finite_parameter(model)
+    if count_elsewhere is not None and count_elsewhere(float(bad is not None)) > 0 and bad is None:
+        bad = "a weight shard held by another process"
     if bad is None:
         return
     kept = f"the last good checkpoint, {last_good}, is kept" if last_good else "no checkpoint was written before"

@@ -20,6 +20,17 @@ bucket during backward. What this module adds on top:
   all-reduces with SUM instead of DDP's default average.
 * Accumulation. Backward passes of all but the last micro-batch of a step run under ``no_sync``:
   gradients accumulate locally and are all-reduced once per optimizer step.
+
+Fully sharded data parallelism (``FullyShardedDataParallel``) is FSDP2, ``fully_shard`` on a 1-D
+DeviceMesh (Zhao et al. 2023, "PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel",
+VLDB; the ZeRO-3 scheme of Rajbhandari et al. 2020, "ZeRO", SC'20 §5): each rank keeps 1/W of
+every weight, gradient and AdamW moment as a DTensor shard (dim 0). Each decoder layer is its own
+unit -- its weights are all-gathered just before its forward and its gradients reduce-scattered
+right after its backward -- and the root unit holds the rest (embeddings, final norm, LM head). The
+same sharding, summing and ``no_sync`` rules as DDP apply (reduce-scatter with SUM; gradient sync
+off while accumulating). ``distributed.fsdp.reshard_after_forward`` frees a layer's gathered weights
+after its forward (ZeRO-3) or keeps them until its backward (ZeRO-2-like: fewer all-gathers, more
+memory).
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -40,6 +51,7 @@ class SingleProcess:
     world_size = 1
     rank = 0
     is_main = True
+    shards_state = False  # FSDP: every rank holds part of the weights and writes its part of a checkpoint
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -61,6 +73,13 @@ class SingleProcess:
 
     def reduce_sum(self, value: float) -> float:
         return value
+
+    def run(self, work, model: nn.Module):
+        """``work(model)`` outside training (evaluation, generation); FSDP gathers the weights it needs."""
+        return work(model)
+
+    def gather_full_weights(self, model: nn.Module) -> None:
+        """Before the final save: make rank 0's ``model`` hold whole tensors (FSDP; a no-op otherwise)."""
 
     def close(self) -> None:
         pass
@@ -129,6 +148,106 @@ class DataParallel(SingleProcess):
         shutdown_process_group()
 
 
+class FullyShardedDataParallel(DataParallel):
+    """FSDP2 over ``world_size`` processes; see the module docstring."""
+
+    shards_state = True
+
+    def __init__(self, device: torch.device, rank: int, world_size: int, reshard_after_forward: bool = True):
+        super().__init__(device, rank, world_size)
+        self.reshard_after_forward = reshard_after_forward
+        self._root: nn.Module | None = None
+
+    def prepare(self, model: nn.Module) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from tuneforge.train.compile import decoder_layers
+
+        _sync_initial_weights(model)  # fully_shard keeps each rank's own values: start from rank 0's
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        options = {"mesh": mesh, "mp_policy": mixed_precision_policy(model)}
+        for layer in decoder_layers(model) or []:
+            fully_shard(layer, reshard_after_forward=self.reshard_after_forward, **options)
+        # The root wraps the model the way DDP's does: the objectives call the backbone and the LM head
+        # separately, and the root's forward is where FSDP gathers the parameters outside the layers.
+        root = fully_shard(_LossForward(model), **options)
+        _sum_gradients(root)
+        self._root = root
+
+    def forward(self, loss_fn, model: nn.Module, batch: dict[str, torch.Tensor]):
+        return self._root(loss_fn, batch)
+
+    def sync_gradients(self, sync: bool):
+        return _gradient_sync(self._root, sync)
+
+    def run(self, work, model: nn.Module):
+        with torch.no_grad():
+            return self._root(lambda inner, _: work(inner), None)
+
+    def gather_full_weights(self, model: nn.Module) -> None:
+        """All ranks gather; rank 0 gets every weight whole on the CPU and swaps it in for its shard."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.is_main:
+            _replace_parameters(model, whole)
+
+
+def _sum_gradients(root: nn.Module) -> None:
+    """Reduce-scatter with SUM in every unit (each loss is already over the global token count).
+    Divide factor 1 alone would be a PREMUL_SUM, which gloo lacks; forcing SUM works on gloo and NCCL."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in root.modules():
+        if isinstance(module, FSDPModule):  # the setters act on one unit's parameter groups only
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+@contextmanager
+def _gradient_sync(root: nn.Module, sync: bool):
+    """FSDP's ``no_sync``: without sync the gradients stay unsharded and accumulate on each rank."""
+    root.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        root.set_requires_gradient_sync(True)
+
+
+def mixed_precision_policy(model: nn.Module):
+    """A float32 adapter beside a bf16/fp16 base (LoRA): FSDP2 gathers one dtype per unit, so every
+    weight is computed in the base's dtype while the float32 shards are what AdamW updates, and
+    gradients are reduced in float32. A model of one dtype needs no policy."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtypes = {param.dtype for param in model.parameters()}
+    if len(dtypes) == 1:
+        return MixedPrecisionPolicy()
+    low = [dtype for dtype in (torch.bfloat16, torch.float16) if dtype in dtypes]
+    if not low:
+        raise ConfigError(f"FSDP needs one compute dtype per layer; this model mixes {sorted(map(str, dtypes))}. "
+                          "Load the base as float32 or bfloat16 (dtype:).")
+    return MixedPrecisionPolicy(param_dtype=low[0], reduce_dtype=torch.float32)
+
+
+def _sync_initial_weights(model: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (DDP's constructor does the same)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=0)
+
+
+def _replace_parameters(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:
+    """Swap each sharded parameter for its whole tensor; tied parameters stay one Parameter."""
+    replaced: dict[int, nn.Parameter] = {}
+    for name, param in list(model.named_parameters(remove_duplicate=False)):
+        owner_name, _, attribute = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if id(param) not in replaced:
+            replaced[id(param)] = nn.Parameter(whole[name], requires_grad=param.requires_grad)
+        owner._parameters[attribute] = replaced[id(param)]
+
+
 def shutdown_process_group() -> None:
     """End this process's part in the job (a no-op in a single process)."""
     if dist.is_available() and dist.is_initialized():
@@ -155,9 +274,8 @@ def check_distributed(config, world_size: int) -> None:
             f"training.batch_size={training.batch_size} is the global micro-batch, split evenly across the "
             f"{world_size} processes; {world_size} does not divide it. Use a batch_size that is a multiple of "
             f"{world_size} (e.g. {world_size * max(1, training.batch_size // world_size)}) or another number of processes.")
-    strategy = config.distributed.strategy
-    if strategy == "fsdp":
-        problems.append("distributed.strategy=fsdp is not available yet; use ddp (or auto)")
+    if chosen_strategy(config) == "fsdp":
+        problems.extend(_fsdp_problems(config))
     if training.objective != "sft":
         problems.append(f"training.objective={training.objective!r} is not tested on several processes yet; "
                         "run it in one process or use objective: sft")
@@ -172,6 +290,31 @@ def check_distributed(config, world_size: int) -> None:
         problems.append(method_problem)
     if problems:
         raise ConfigError(f"{world_size} processes (WORLD_SIZE={world_size}): " + "; ".join(problems))
+
+
+def chosen_strategy(config) -> str:
+    """``distributed.strategy`` with auto resolved: FSDP2 when the model's own weights train (their
+    AdamW state is what outgrows a device), DDP for an adapter (small; DDP needs no gathering)."""
+    strategy = config.distributed.strategy
+    if strategy != "auto":
+        return strategy
+    from tuneforge.train.full import is_full_finetune
+
+    return "fsdp" if is_full_finetune(config.adapter) else "ddp"
+
+
+def _fsdp_problems(config) -> list[str]:
+    problems = []
+    if config.quantization is not None:
+        problems.append("QLoRA (quantization:) does not run under FSDP: sharding turns the 4-bit weights into plain "
+                        "tensors, which saves nothing. Use distributed.strategy: ddp (the frozen 4-bit base is not "
+                        "communicated) or run in one process")
+    if config.training.compile:
+        problems.append("training.compile is not tested under FSDP; set it to false or use distributed.strategy: ddp")
+    if config.training.optimizer != "adamw":
+        problems.append(f"training.optimizer={config.training.optimizer!r} keeps quantized state that is not tested on "
+                        "FSDP's sharded weights; use optimizer: adamw or distributed.strategy: ddp")
+    return problems
 
 
 def _method_problem(adapter) -> str | None:
@@ -194,7 +337,7 @@ def _method_problem(adapter) -> str | None:
 
 
 def pick_strategy(device: torch.device, config) -> SingleProcess:
-    """One process, or DDP over the processes torchrun started (after ``check_distributed``)."""
+    """One process, or DDP / FSDP2 over the processes torchrun started (after ``check_distributed``)."""
     world_size = launched_world_size()
     if world_size == 1:
         return SingleProcess(device)
@@ -206,7 +349,10 @@ def pick_strategy(device: torch.device, config) -> SingleProcess:
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=config.distributed.timeout_seconds)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
-    strategy = DataParallel(device, rank, world_size)
+    if chosen_strategy(config) == "fsdp":
+        strategy = FullyShardedDataParallel(device, rank, world_size, config.distributed.fsdp.reshard_after_forward)
+    else:
+        strategy = DataParallel(device, rank, world_size)
     try:
         _require_same_config(config, strategy)
     except ConfigError:
