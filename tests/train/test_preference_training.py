@@ -15,7 +15,7 @@ from tuneforge.adapters.config import LoraConfig
 from tuneforge.config import parse_train_config
 from tuneforge.errors import ConfigError
 from tuneforge.train import train
-from tuneforge.train.objectives.logprobs import sequence_logprobs, token_logprobs
+from tuneforge.train.objectives.logprobs import labelled_hidden_states, per_answer_sums, sequence_logprobs, token_kl, token_logprobs
 from tuneforge.train.objectives.reference import Reference
 
 
@@ -65,6 +65,24 @@ def test_reference_is_the_base_model_and_is_cached():
     assert torch.allclose(sequence_logprobs(model, batch)[0], policy)  # the adapter is back on
 
 
+def test_token_kl_is_the_full_vocabulary_kl_of_policy_from_reference():
+    batch = labelled_batch()
+    model = tiny_llama()
+    add_adapter(model, LoraConfig(r=4), "default")
+    perturb_trainable(model, scale=0.2)
+    reference = Reference("adapter_off", "default", cache=False)
+    per_token = token_kl(model, batch, reference.run(model, batch, labelled_hidden_states), chunk_size=4)
+    with torch.no_grad():  # the definition, on whole-sequence logits: sum_v p (log p - log q)
+        policy = F.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1].float(), dim=-1)
+        base = tiny_llama()
+        reference_logp = F.log_softmax(base(input_ids=batch["input_ids"]).logits[:, :-1].float(), dim=-1)
+    expected = (policy.exp() * (policy - reference_logp)).sum(-1) * (batch["labels"][:, 1:] != -100)
+    assert torch.allclose(per_token, expected, atol=1e-5)
+    assert float(expected.sum()) > 1e-3  # the adapter moved the policy, so the check has something to see
+    sums, counts = per_answer_sums(per_token, batch)
+    assert torch.allclose(sums, expected.sum(dim=1)) and counts.tolist() == [6, 3, 6]
+
+
 def preference_file(tmp_path, pairs=8):
     path = tmp_path / "pairs.jsonl"
     with path.open("w") as f:
@@ -91,6 +109,8 @@ def test_dpo_steps_grow_the_chosen_vs_rejected_margin(tmp_path, one_torch_thread
     first, last = eval_records(summary.run_dir)[0], eval_records(summary.run_dir)[-1]
     assert first["eval_reward_margin"] == 0.0  # a fresh LoRA is the reference: no margin yet
     assert first["eval_loss"] == pytest.approx(0.6931, abs=1e-4)  # log 2
+    assert first["eval_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert last["eval_kl"] > 1e-4  # training moved the policy away from its reference
     assert last["eval_reward_margin"] > 0.05
     assert last["eval_preference_accuracy"] == 1.0
     assert last["eval_loss"] < first["eval_loss"]

@@ -514,6 +514,8 @@ def _evaluate_and_check_stop(model, tokenizer, data: PreparedData, config: Train
         line += f" (perplexity {record['eval_perplexity']:.2f})"
     if "eval_preference_accuracy" in eval_metrics:
         line += f", preference accuracy {eval_metrics['eval_preference_accuracy']:.1%}"
+    if "eval_kl" in eval_metrics:
+        line += f", KL to reference {eval_metrics['eval_kl']:.4f}"
     if accuracy is not None:
         record.update(eval_exact_match=accuracy.exact_match, eval_contains=accuracy.contains, eval_generated=accuracy.n)
         line += f", exact match {accuracy.exact_match:.1%} of {accuracy.n}"

@@ -14,7 +14,7 @@ from tuneforge.models.precision import autocast
 from tuneforge.train.objectives.dpo import dpo_loss
 from tuneforge.train.objectives.ipo import ipo_loss
 from tuneforge.train.objectives.kto import kl_reference_point, kto_loss
-from tuneforge.train.objectives.logprobs import pair_logprobs, sequence_logprobs
+from tuneforge.train.objectives.logprobs import labelled_hidden_states, pair_logprobs, per_answer_sums, sequence_logprobs, token_kl
 from tuneforge.train.objectives.orpo import orpo_loss
 from tuneforge.train.objectives.reference import Reference
 from tuneforge.train.objectives.simpo import simpo_loss
@@ -60,7 +60,8 @@ class PairwiseObjective:
     """DPO, IPO, ORPO and SimPO: rows [chosen_1..chosen_P, rejected_1..rejected_P]; averaged over pairs.
 
     Metrics (means over pairs): the implicit rewards of chosen and rejected answers, their margin,
-    and the preference accuracy (how often chosen's reward is the larger)."""
+    and the preference accuracy (how often chosen's reward is the larger); on held-out pairs also the
+    KL of the policy from its reference (DPO, IPO)."""
 
     def __init__(self, name: str, training, reference: Reference | None):
         self.name = name
@@ -97,6 +98,16 @@ class PairwiseObjective:
     def loss_sum(self, model, batch):
         losses, chosen_reward, rejected_reward = self.pair_losses(model, batch)
         return losses.sum(), _reward_metric_sums(chosen_reward, rejected_reward)
+
+    def eval_loss_sum(self, model, batch):
+        """As :meth:`loss_sum`, plus (DPO, IPO) ``kl``: the exact KL(policy || reference) summed over an
+        answer's tokens, averaged over each pair's two answers: how far training has moved the policy."""
+        loss, metrics = self.loss_sum(model, batch)
+        if self.reference is not None:
+            reference_hidden = self.reference.run(model, batch, labelled_hidden_states)
+            per_token = token_kl(model, batch, reference_hidden, self.training.loss_chunk_size)
+            metrics["kl"] = float(per_answer_sums(per_token, batch)[0].sum()) / 2
+        return loss, metrics
 
     def evaluate(self, model, batches, device):
         return _evaluate_mean(self, model, batches, self.training.precision, device)
@@ -158,7 +169,7 @@ def _evaluate_mean(objective, model, batches, precision, device) -> tuple[float,
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast(precision, device):
-                    loss, metrics = objective.loss_sum(model, batch)
+                    loss, metrics = getattr(objective, "eval_loss_sum", objective.loss_sum)(model, batch)
                 total += float(loss)
                 units += objective.units(batch)
                 for key, value in metrics.items():

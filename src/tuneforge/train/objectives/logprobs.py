@@ -46,9 +46,7 @@ def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_si
 
 
 def _chunk_logprobs(head: nn.Module, chunk: torch.Tensor, targets: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = head(chunk).float()  # (n, V)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = _logits(head, chunk, softcap)  # (n, V)
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)  # (n,)
 
 
@@ -59,10 +57,55 @@ def pair_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: 
     if "label_segments" not in batch:
         return sequence_logprobs(model, batch, chunk_size)
     logprobs, _ = token_logprobs(model, batch, chunk_size)
+    return per_answer_sums(logprobs, batch)
+
+
+def per_answer_sums(per_token: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums of a per-token value (B, T-1) over each answer, labelled tokens per answer), in either pair layout."""
+    if "label_segments" not in batch:
+        keep = batch["labels"][:, 1:] != IGNORE_INDEX
+        return (per_token * keep).sum(dim=1), keep.sum(dim=1)
     segments = batch["label_segments"][:, 1:]  # (B, T-1), aligned with the predictions
     answers = int(batch["example_ids"].numel())  # 2P
     labelled = segments >= 0
     owners = segments[labelled]  # (N,)
-    sums = logprobs.new_zeros(answers).index_add(0, owners, logprobs[labelled])
+    sums = per_token.new_zeros(answers).index_add(0, owners, per_token[labelled])
     counts = torch.zeros(answers, dtype=torch.long, device=owners.device).index_add(0, owners, torch.ones_like(owners))
     return sums, counts
+
+
+def labelled_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final hidden states (N, H) at the N positions that predict a labelled token."""
+    hidden = hidden_states(model, batch)
+    return hidden[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]
+
+
+@torch.no_grad()
+def token_kl(model: nn.Module, batch: dict[str, torch.Tensor], reference_hidden: torch.Tensor,
+             chunk_size: int = 1024) -> torch.Tensor:
+    """Exact per-token KL(policy || reference) over the whole vocabulary, (B, T-1) float32, zero where
+    unlabelled: sum_v p(v) (log p(v) - log q(v)) at each position that predicts a labelled token.
+    ``reference_hidden`` is :func:`labelled_hidden_states` under the reference weights. For metrics only."""
+    _, head = backbone_and_head(model)
+    softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    policy_hidden = labelled_hidden_states(model, batch)
+    pieces = []
+    for start in range(0, int(policy_hidden.shape[0]), chunk_size):
+        policy = _log_softmax(head, policy_hidden[start:start + chunk_size], softcap)
+        reference = _log_softmax(head, reference_hidden[start:start + chunk_size], softcap)
+        pieces.append((policy.exp() * (policy - reference)).sum(dim=-1))
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    out = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
+    return out.masked_scatter(keep, torch.cat(pieces)) if pieces else out
+
+
+def _log_softmax(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    return torch.log_softmax(_logits(head, hidden, softcap), dim=-1)
+
+
+def _logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """float32 logits, soft-capped as Gemma 2/3 do (``final_logit_softcapping``)."""
+    logits = head(hidden).float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits

@@ -44,8 +44,12 @@ class Reference:
 
     def uncached_logprobs(self, model: nn.Module, batch: dict[str, torch.Tensor], logprob_fn: LogprobFn) -> torch.Tensor:
         """For rows that change from batch to batch (KTO's mismatched pairs): never cached."""
+        return self.run(model, batch, logprob_fn)
+
+    def run(self, model: nn.Module, batch: dict[str, torch.Tensor], fn: LogprobFn) -> torch.Tensor:
+        """``fn(model, batch)`` under the reference weights, without gradients and uncached."""
         with torch.no_grad(), self._weights(model):
-            return logprob_fn(model, batch).detach()
+            return fn(model, batch).detach()
 
     def _weights(self, model: nn.Module):
         if self.kind == "init_adapter":
