@@ -84,27 +84,16 @@ def save_checkpoint(run_dir: Path, model: nn.Module, adapter_name: str, optimize
     root = run_dir / CHECKPOINTS
     final = root / f"step-{state.step:07d}"
     tmp = root / f"{TEMP_PREFIX}step-{state.step:07d}-{os.getpid()}"
-    try:
+
+    def write() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if full_weights is not None:
             full_weights.save(tmp / "weights")
         else:
             save_adapter(model, tmp / "adapter", adapter_name, base_model_name=base_model_name)
-        torch.save({
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_states(),
-            "state": asdict(state),
-            "hooks": hooks.state_dict() if hooks is not None else {},
-            **(extra or {}),
-        }, tmp / STATE_FILE)
-        fsync_tree(tmp)
-        replace_dir(tmp, final)
-        _fsync_path(root)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(_save_failure(final, root, exc)) from None
-    _prune(root, keep)
+        torch.save({"optimizer": optimizer.state_dict(), **_run_state(scheduler, state, hooks, extra)}, tmp / STATE_FILE)
+
+    _write_and_commit(tmp, final, keep, write)
     return final
 
 
@@ -125,18 +114,30 @@ def save_sharded_checkpoint(run_dir: Path, model: nn.Module, optimizer, schedule
     dist.barrier()
     save_sharded(tmp / SHARDED, model, optimizer)  # returns once every rank's shards and the index are written
     if is_main:
-        try:
-            torch.save({"scheduler": scheduler.state_dict(), "rng": rng_states(), "state": asdict(state),
-                        "hooks": hooks.state_dict() if hooks is not None else {}, **(extra or {})}, tmp / STATE_FILE)
-            fsync_tree(tmp)
-            replace_dir(tmp, final)
-            _fsync_path(root)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(_save_failure(final, root, exc)) from None
-        _prune(root, keep)
+        _write_and_commit(tmp, final, keep, lambda: torch.save(_run_state(scheduler, state, hooks, extra), tmp / STATE_FILE))
     dist.barrier()  # no rank moves on (or saves again) before the folder is in place
     return final if is_main else None
+
+
+def _run_state(scheduler, state: TrainState, hooks, extra: dict | None) -> dict:
+    """Everything but the weights and optimizer that a resumed run needs."""
+    return {"scheduler": scheduler.state_dict(), "rng": rng_states(), "state": asdict(state),
+            "hooks": hooks.state_dict() if hooks is not None else {}, **(extra or {})}
+
+
+def _write_and_commit(tmp: Path, final: Path, keep: int, write) -> None:
+    """Run ``write`` (fills ``tmp``), fsync, rename ``tmp`` to ``final``, prune old checkpoints; on any
+    OSError (a full disk) remove ``tmp``, leave earlier checkpoints as they were and raise CheckpointError."""
+    root = final.parent
+    try:
+        write()
+        fsync_tree(tmp)
+        replace_dir(tmp, final)
+        _fsync_path(root)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_save_failure(final, root, exc)) from None
+    _prune(root, keep)
 
 
 def _save_failure(final: Path, root: Path, exc: OSError) -> str:
