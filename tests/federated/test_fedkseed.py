@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_models import tiny_chat_model_and_tokenizer
+from flower_helpers import open_round, saved_tiny_model
 
 pytest.importorskip("flwr")
 
@@ -31,21 +31,9 @@ from tuneforge.federated.config import parse_federated_config  # noqa: E402
 SEEDS = 64
 
 
-@pytest.fixture(autouse=True)
-def inside_a_flower_run(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0, raising=False)
-
-
 def raw_config(tmp_path):
-    model, tokenizer = tiny_chat_model_and_tokenizer()
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
     return {
-        "model": str(tmp_path / "model"), "output_dir": str(tmp_path / "unused"), "device": "cpu", "dtype": "float32",
+        "model": saved_tiny_model(tmp_path), "output_dir": str(tmp_path / "unused"), "device": "cpu", "dtype": "float32",
         "adapter": {"method": "full"},
         "update_rule": {"method": "mezo", "eps": 1e-3, "n_spsa": 2},
         "data": {"train": "arithmetic", "options": {"size": 24}, "max_seq_len": 96, "eval_size": 0},
@@ -147,7 +135,7 @@ def test_client_starts_from_the_replayed_global_model(tmp_path):
 def test_malformed_seed_uploads_are_rejected():
     strategy = SeedReplayStrategy(seed_count=SEEDS, n_spsa=1, min_train_nodes=1, min_available_nodes=1)
     strategy.global_arrays = {fedkseed.COEFFICIENTS: np.zeros(SEEDS, np.float32)}
-    strategy.rounds[1] = {"down_bytes": {}, "up_bytes": {}, "failures": [], "rejected": [], "clients": {}}
+    open_round(strategy)
     good = {"seed-index": np.array([1, 1, 4], np.int32), "projected-grad": np.array([2.0, 1.0, -3.0], np.float32),
             "lr": np.full(3, 0.5, np.float32)}
     out_of_range = {**good, "seed-index": np.array([1, SEEDS, 4], np.int32)}

@@ -8,28 +8,13 @@ import math
 
 import numpy as np
 import pytest
+from flower_helpers import open_round, train_reply
 
 pytest.importorskip("flwr")
 
-from flwr.app import Message, MetricRecord, RecordDict  # noqa: E402
-
 from tuneforge.federated.accounting import gaussian_epsilon, privacy_report  # noqa: E402
-from tuneforge.federated.apps import ScreenedFedAvg, from_record, to_record  # noqa: E402
+from tuneforge.federated.apps import ScreenedFedAvg, from_record  # noqa: E402
 from tuneforge.federated.config import PrivacySettings  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def inside_a_flower_run(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0, raising=False)
-
-
-def reply(arrays, examples=10):
-    return Message(RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord({"num-examples": examples})}),
-                   dst_node_id=1, message_type="train")
 
 
 def private_strategy(global_arrays, clipping_norm, noise_multiplier):
@@ -37,7 +22,7 @@ def private_strategy(global_arrays, clipping_norm, noise_multiplier):
     strategy = ScreenedFedAvg(expected=expected, min_train_nodes=1, min_available_nodes=1,
                               privacy=PrivacySettings(clipping_norm=clipping_norm, noise_multiplier=noise_multiplier))
     strategy.global_arrays = dict(global_arrays)
-    strategy.rounds[1] = {"down_bytes": {}, "up_bytes": {}, "failures": [], "rejected": [], "clients": {}}
+    open_round(strategy)
     return strategy
 
 
@@ -48,7 +33,7 @@ def test_without_noise_each_update_is_clipped_to_the_norm_over_all_its_tensors()
     scales = [0.01, 3.0, 50.0]  # one update under the bound, two far over it
     clients = [{k: v + s * rng.normal(size=v.shape).astype(np.float32) for k, v in start.items()} for s in scales]
     strategy = private_strategy(start, clipping_norm=0.5, noise_multiplier=0.0)
-    arrays, _ = strategy.aggregate_train(1, [reply(c, n) for c, n in zip(clients, (1, 5, 50))])
+    arrays, _ = strategy.aggregate_train(1, [train_reply(c, n) for c, n in zip(clients, (1, 5, 50))])
     merged = from_record(arrays)
 
     def clipped(update):
@@ -69,7 +54,7 @@ def test_noise_on_the_average_has_std_sigma_c_over_m():
     start = {"w": np.zeros(size, np.float32)}
     updates = [{"w": np.full(size, 1e-5, np.float32)} for _ in range(clients)]  # norm 0.0045: not clipped
     strategy = private_strategy(start, clipping_norm=clip, noise_multiplier=sigma)
-    arrays, _ = strategy.aggregate_train(1, [reply(u) for u in updates])
+    arrays, _ = strategy.aggregate_train(1, [train_reply(u) for u in updates])
     noise = from_record(arrays)["w"].astype(np.float64) - 1e-5
     expected_std = sigma * clip / clients
     # the sample std of 200k normals is within 1% of the true one with overwhelming probability

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from flower_helpers import saved_tiny_model
 from tiny_models import tiny_chat_model_and_tokenizer
 
 pytest.importorskip("flwr")
@@ -27,21 +28,9 @@ from tuneforge.federated.updates import state_arrays  # noqa: E402
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def inside_a_flower_run(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0, raising=False)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0, raising=False)
-
-
 def raw_config(tmp_path, density=0.05):
-    model, tokenizer = tiny_chat_model_and_tokenizer()
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
     return {
-        "model": str(tmp_path / "model"), "output_dir": str(tmp_path / "unused"),
+        "model": saved_tiny_model(tmp_path), "output_dir": str(tmp_path / "unused"),
         "adapter": {"method": "lora", "r": 2, "alpha": 6, "target_modules": TARGETS},
         "data": {"train": "arithmetic", "options": {"size": 16}, "max_seq_len": 96, "eval_size": 0},
         "training": {"max_steps": 2, "batch_size": 4, "lr": 0.01, "warmup_steps": 0},
