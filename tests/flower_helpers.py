@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiny_models import tiny_chat_model_and_tokenizer
+from tiny_models import save_tiny_chat_model
 
 
 def saved_tiny_model(tmp_path: Path) -> str:
     """The tiny chat model and tokenizer saved as a local HF directory; its path."""
-    model, tokenizer = tiny_chat_model_and_tokenizer()
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    return str(tmp_path / "model")
+    return save_tiny_chat_model(tmp_path / "model")
 
 
 def train_reply(arrays, examples=10):

@@ -81,3 +81,11 @@ def tiny_chat_model_and_tokenizer(seed: int = 0):
     """A tiny Llama whose vocabulary fits the tiny ChatML tokenizer: for training-loop tests."""
     tokenizer = build_tiny_tokenizer(chat_template=CHATML_TEMPLATE)
     return tiny_llama(seed, vocab_size=len(tokenizer), hidden_size=48, num_attention_heads=4), tokenizer
+
+
+def save_tiny_chat_model(folder) -> str:
+    """The tiny chat model and its tokenizer saved as a transformers directory any process can load."""
+    model, tokenizer = tiny_chat_model_and_tokenizer()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

@@ -3,31 +3,19 @@ numbers are the streams' own reports, and the goal line is computed from them.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 import yaml
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "continual.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("continual_bench", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_continual_bench_smoke_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     from tiny_models import tiny_chat_model_and_tokenizer
 
-    bench = load_bench()
+    bench = load_bench_script("continual")
     monkeypatch.setattr(bench, "tiny_model", lambda name: tiny_chat_model_and_tokenizer())
     config = tmp_path / "stream.yaml"
     config.write_text(yaml.safe_dump({

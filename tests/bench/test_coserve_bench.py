@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "coserve.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("coserve_bench", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_coserve_bench_smoke_on_a_tiny_model(capsys):
-    bench = load_bench()
+    bench = load_bench_script("coserve")
     assert bench.main(["--tiny", "--clients", "2", "--steps", "3", "--batch-size", "2", "--seconds", "1",
                        "--new-tokens", "4"]) == 0
     output = capsys.readouterr().out

@@ -3,27 +3,20 @@ recorded with consistent counts, and a rerun resumes from the results file."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 
 from tuneforge.select.algorithms.minhash import normalise_text
 
-BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "data_selection.py"
 TINY_ARGS = ["--model", "tiny", "--size", "4", "--epochs", "1", "--eval-examples", "1", "--device", "cpu",
              "--strategies", "perplexity", "--batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("data_selection_bench", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("data_selection")
 
 
 def test_the_mixture_holds_the_stated_noise(bench):

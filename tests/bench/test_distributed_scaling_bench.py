@@ -3,7 +3,6 @@ final loss is the one-process run's (the runs are the same; only who computes wh
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,22 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 
 BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "distributed_scaling.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("distributed_scaling_bench", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_two_ranks_report_their_memory_and_train_the_one_process_run(tmp_path, one_torch_thread):
     from tuneforge.config import parse_train_config
     from tuneforge.train import train
 
-    bench = load_bench()
+    bench = load_bench_script("distributed_scaling")
     output = tmp_path / "results.json"
     command = [sys.executable, str(BENCH_SCRIPT), "--model", "tiny", "--setups", "2x1", "--steps", "2",
                "--batch-size", "4", "--max-seq-len", "96", "--workdir", str(tmp_path), "--output", str(output)]
@@ -48,7 +41,7 @@ def test_the_fsdp_rows_train_the_same_run_and_report_the_memory_ratio(tmp_path):
     command = [sys.executable, str(BENCH_SCRIPT), "--model", "tiny", "--setups", "full-1x1,fsdp-2x1", "--steps", "2",
                "--batch-size", "4", "--max-seq-len", "96", "--workdir", str(tmp_path), "--output", str(output)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(load_bench().SRC)})
+                            env={**os.environ, "PYTHONPATH": str(load_bench_script("distributed_scaling").SRC)})
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = json.loads(output.read_text())
     assert (one["setup"], two["setup"]) == ("full-1x1", "fsdp-2x1") and len(two["peak_memory_mib_per_rank"]) == 2

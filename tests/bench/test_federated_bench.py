@@ -4,24 +4,16 @@ compares each method with its centralized reference and averages the bytes per c
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 
 from tuneforge.federated.config import parse_federated_config
-
-BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "federated.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("federated_bench", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("federated")
 
 
 def test_every_row_is_a_valid_config_of_its_method(bench, tmp_path):

@@ -4,24 +4,16 @@ optimizer-state bytes it reads from the checkpoint are those of the optimizer's 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "full_finetune_memory.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("full_finetune_memory_bench", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("full_finetune_memory")
 
 
 def args_for(tmp_path, **overrides):

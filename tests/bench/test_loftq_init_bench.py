@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from tiny_models import tiny_chat_model_and_tokenizer
+from bench_scripts import load_bench_script
+from tiny_models import save_tiny_chat_model, tiny_chat_model_and_tokenizer
 
 from tuneforge.quant import quantize_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "loftq_init.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("loftq_init_bench", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("loftq_init")
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    model, tokenizer = tiny_chat_model_and_tokenizer()
     directory = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    save_tiny_chat_model(directory)
     return directory
 
 

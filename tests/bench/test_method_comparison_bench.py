@@ -3,7 +3,6 @@ resuming from the results file; the report built from that file alone."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -12,20 +11,16 @@ from argparse import Namespace
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 import torch
 
-BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "method_comparison.py"
 TINY_ARGS = ["--model", "tiny", "--methods", "lora,ia3", "--steps", "2", "--eval-examples", "4", "--device", "cpu",
              "--seeds", "1"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("method_comparison_bench", BENCH_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("method_comparison")
 
 
 @pytest.fixture(scope="module")

@@ -3,26 +3,14 @@ generated long-answer task's shape."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-from tiny_models import tiny_chat_model_and_tokenizer
-
-BENCH_SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "train_throughput.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("train_throughput_bench", BENCH_SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
-    return bench
+from bench_scripts import load_bench_script
+from tiny_models import save_tiny_chat_model, tiny_chat_model_and_tokenizer
 
 
 def test_long_answer_task_answers_are_three_times_the_shared_opening():
-    bench = load_bench()
+    bench = load_bench_script("train_throughput")
     _, tokenizer = tiny_chat_model_and_tokenizer()
     from tuneforge.data import Example, tokenize_examples
     from tuneforge.data.records import Message
@@ -41,10 +29,8 @@ def test_long_answer_task_answers_are_three_times_the_shared_opening():
 
 
 def test_both_sides_run_each_setting_the_repeats_asked(tmp_path):
-    bench = load_bench()
-    model, tokenizer = tiny_chat_model_and_tokenizer()
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    bench = load_bench_script("train_throughput")
+    save_tiny_chat_model(tmp_path / "tiny")
     rows = bench.main(["--models", str(tmp_path / "tiny"), "--tasks", "long-answer", "--steps", "2",
                        "--examples-per-step", "2", "--max-seq-len", "256", "--repeats", "2", "--threads", "1",
                        "--precisions", "fp32", "--peak-size", "256", "--workdir", str(tmp_path / "work"), "--output", str(tmp_path / "r.json")])

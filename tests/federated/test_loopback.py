@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tiny_models import tiny_chat_model_and_tokenizer
+from tiny_models import save_tiny_chat_model, tiny_chat_model_and_tokenizer
 
 pytest.importorskip("flwr")
 
@@ -24,11 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("tiny_model")
-    model, tokenizer = tiny_chat_model_and_tokenizer()
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def write_config(tmp_path, model_dir, **federated):

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_models import tiny_chat_model_and_tokenizer
+from tiny_models import save_tiny_chat_model
 
 from tuneforge.cli import main
 from tuneforge.config import parse_train_config
@@ -33,11 +33,7 @@ LAUNCH_TIMEOUT = 240
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Llama and its tokenizer as a transformers directory every process can load."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    model, tokenizer = tiny_chat_model_and_tokenizer()
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return Path(save_tiny_chat_model(tmp_path_factory.mktemp("tiny-model")))
 
 
 @pytest.fixture(scope="module")
