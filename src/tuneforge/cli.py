@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_merge_commands(commands, _add_command)
     _add_command(commands, "demo", "the main job: finetune smollm2-135m on a bundled task, before/after",
                  add_demo_arguments, run_demo)
+    from tuneforge.train.objectives.onpolicy_pairs import add_pairs_arguments, run_pairs
+
+    _add_command(commands, "pairs", "preference pairs from a policy's own mistakes (gold vs sampled wrong answers, DNO)",
+                 add_pairs_arguments, run_pairs)
     from tuneforge.select.command import add_select_arguments, run_select
 
     _add_command(commands, "select", "pick the training examples that matter (dedup, IFD, diversity, GRAPE, ...)",

@@ -48,7 +48,7 @@ def test_dpo_and_grpo_demos_run_on_top_of_the_sft_demo(tmp_path, one_torch_threa
     evals = [r for r in dpo_records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [0, 2]
     for key in ("eval_reward_chosen", "eval_reward_rejected", "eval_reward_margin", "eval_preference_accuracy",
-                "eval_exact_match"):
+                "eval_exact_match", "eval_kl"):
         assert key in evals[-1]
     assert evals[0]["eval_reward_margin"] == 0.0  # the policy starts as its reference, the SFT adapter
     assert any("reward_margin" in r and "train_loss" in r for r in dpo_records)

@@ -155,7 +155,7 @@ def test_dpo_from_an_sft_adapter_starts_at_zero_margin_against_its_frozen_copy(t
     assert records[-1]["eval_reward_margin"] > 0.0
 
 
-@pytest.mark.parametrize("name", ["dpo_arithmetic.yaml", "grpo_arithmetic.yaml"])
+@pytest.mark.parametrize("name", ["dpo_arithmetic.yaml", "grpo_arithmetic.yaml", "dpo_onpolicy_arithmetic.yaml"])
 def test_example_configs_are_valid(name):
     import pathlib
 
