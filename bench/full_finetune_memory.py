@@ -12,9 +12,8 @@ when galore-torch is installed, the Trainer's layer-wise GaLore (what LLaMA-Fact
     python bench/full_finetune_memory.py --models llama-0.5b-random --methods adamw,galore-layerwise,lomo
 
 Columns: peak RSS (MiB) and its ratio to full AdamW; optimizer-state bytes (tensors held in the
-optimizer state at the last checkpoint, i.e. what resuming needs); mean step time over steps 2..N;
-the last training loss. tuneforge's peak is read after its last step, before the one checkpoint and model
-it writes at the end (the peer saves nothing); the peak including that write is in the JSON
+optimizer's state_dict after the last step, i.e. what a checkpoint holds and resuming needs); mean step time over steps 2..N;
+the last training loss. tuneforge's peak is read after its last step, before the model it writes at the end (the peer saves nothing); the peak including that write is in the JSON
 (``peak_rss_with_save_mib``).
 
 Accuracy (``--accuracy``) is a separate mode, since it needs the demo's budget rather than a few
@@ -117,7 +116,7 @@ def run_tuneforge(method: str, args) -> dict:
 
     from tuneforge.config import parse_train_config
     from tuneforge.train import train
-    from tuneforge.train.checkpoint import latest_checkpoint, read_trainer_state
+    from tuneforge.train.update_rules import build_update_rule
 
     adapter, rule, overrides = METHODS[method]
     model, tokenizer = build_model(args.model)
@@ -137,11 +136,17 @@ def run_tuneforge(method: str, args) -> dict:
         losses.append(loss)
         peaks.append(peak_rss_mib())
 
+    rules = []
+
+    def keep_rule(model, config, full_finetune):
+        rules.append(build_update_rule(model, config, full_finetune))
+        return rules[-1]
+
     start = time.perf_counter()
-    train(config, overwrite=True, model_and_tokenizer=(model, tokenizer), on_step=on_step)
-    saved = read_trainer_state(latest_checkpoint(run_dir))
-    state_bytes = sum(t.numel() * t.element_size() for s in saved["optimizer"]["state"].values()
-                      for t in s.values() if torch.is_tensor(t))
+    train(config, overwrite=True, model_and_tokenizer=(model, tokenizer), on_step=on_step, make_update_rule=keep_rule)
+    # What a checkpoint would hold (and a resume needs): the optimizer's state_dict, read from the live rule.
+    state = rules[-1].optimizer.state_dict()["state"]
+    state_bytes = sum(t.numel() * t.element_size() for s in state.values() for t in s.values() if torch.is_tensor(t))
     # The peak as of the last step: what training needs, as the peer's (which saves nothing) is measured.
     # The final checkpoint and model write come after it and are reported apart.
     return {"peak_rss_mib": peaks[-1], "peak_rss_with_save_mib": peak_rss_mib(), "optimizer_state_bytes": state_bytes,
