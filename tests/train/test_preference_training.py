@@ -228,3 +228,30 @@ def test_objectives_other_than_sft_refuse_full_finetuning_and_data_select(tmp_pa
     selected = {**base, "data": {"train": "arithmetic", "select": {"strategy": "random", "budget": 0.5}}}
     with pytest.raises(ConfigError, match="data.select"):
         check_objective_combinations(parse_train_config(selected))
+
+
+def test_rpo_alpha_adds_the_chosen_answers_length_normalised_nll():
+    """Pang et al. 2024's DPO+NLL: each pair's loss grows by alpha * (-log pi(y_w|x) / |y_w|)."""
+    from tuneforge.train.objectives.base import PairwiseObjective
+
+    model = tiny_llama()
+    add_adapter(model, LoraConfig(r=4), "default")
+    perturb_trainable(model, scale=0.2)
+    batch = labelled_batch()
+    batch = {key: torch.cat([value, value[:1]]) for key, value in batch.items()}  # 4 rows: 2 chosen, 2 rejected
+    batch["example_ids"] = torch.arange(4)
+    plain = PairwiseObjective("dpo", parse_train_config({"training": {"objective": "dpo"}}).training,
+                              Reference("adapter_off", "default", cache=False))
+    with_nll = PairwiseObjective("dpo", parse_train_config({"training": {"objective": "dpo", "rpo_alpha": 0.5}}).training,
+                                 Reference("adapter_off", "default", cache=False))
+    with torch.no_grad():
+        extra = with_nll.pair_losses(model, batch)[0] - plain.pair_losses(model, batch)[0]
+        chosen_logp = full_logits_logprobs(model, batch)[:2]
+    chosen_tokens = (batch["labels"][:2, 1:] != -100).sum(dim=1)
+    assert torch.allclose(extra, 0.5 * (-chosen_logp / chosen_tokens), atol=1e-5)
+    assert float(extra.min()) > 0
+
+
+def test_rpo_alpha_is_refused_for_other_objectives():
+    with pytest.raises(ConfigError, match="rpo_alpha"):
+        parse_train_config({"training": {"objective": "ipo", "rpo_alpha": 1.0}})

@@ -133,6 +133,9 @@ class TrainingConfig(Section):
     beta: float | None = Field(None, gt=0, allow_inf_nan=False, description="strength of the objective: beta of DPO/KTO/"
                                "SimPO/GRPO's KL, tau of IPO, lambda of ORPO (default 0.1; SimPO 2.0; GRPO 0.04)")
     simpo_gamma: float = Field(0.5, ge=0, allow_inf_nan=False, description="SimPO's target reward margin gamma")
+    rpo_alpha: float | None = Field(None, gt=0, allow_inf_nan=False, description="DPO only: add alpha x the chosen "
+                                    "answer's length-normalised NLL (Pang et al. 2024, DPO+NLL; alpha 1 in the paper) so "
+                                    "the right answer becomes likelier, not only the wrong one less likely")
     kto_desirable_weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="KTO's lambda_D (desirable examples)")
     kto_undesirable_weight: float = Field(1.0, gt=0, allow_inf_nan=False, description="KTO's lambda_U (undesirable examples)")
     reference: Literal["adapter_off", "init_adapter"] = Field(
@@ -160,6 +163,9 @@ class TrainingConfig(Section):
             raise ValueError("fused_projections=true and compile=true do not go together (the fused groups share "
                              "results between layer calls, which compiled layers cannot); set one of them to false, "
                              "or fused_projections='auto' to fuse only without compile")
+        if self.rpo_alpha is not None and self.objective != "dpo":
+            raise ValueError(f"rpo_alpha adds an NLL term to DPO; objective={self.objective!r} does not take it. "
+                             "Remove training.rpo_alpha or set training.objective=dpo")
         if self.objective in ("kto", "grpo") and self.eval_generate:  # pairs are scored against their chosen answer
             raise ValueError(f"eval_generate works with objective sft, dpo, ipo, orpo or simpo (objective="
                              f"{self.objective!r} records reward metrics instead); set training.eval_generate=0")

@@ -11,7 +11,7 @@ from torch import nn
 from tuneforge.eval.loss import evaluate_loss
 from tuneforge.losses import IGNORE_INDEX, token_loss_sum
 from tuneforge.models.precision import autocast
-from tuneforge.train.objectives.dpo import dpo_loss
+from tuneforge.train.objectives.dpo import chosen_nll, dpo_loss
 from tuneforge.train.objectives.ipo import ipo_loss
 from tuneforge.train.objectives.kto import kl_reference_point, kto_loss
 from tuneforge.train.objectives.logprobs import labelled_hidden_states, pair_logprobs, per_answer_sums, sequence_logprobs, token_kl
@@ -84,6 +84,8 @@ class PairwiseObjective:
             ref_chosen, ref_rejected = self.reference.logprobs(model, batch, self._logprobs).chunk(2)
             if self.name == "dpo":
                 losses = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
+                if self.training.rpo_alpha is not None:
+                    losses = losses + self.training.rpo_alpha * chosen_nll(chosen, chosen_tokens)
             else:
                 losses = ipo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens, self.beta)
             return losses, self.beta * (chosen - ref_chosen).detach(), self.beta * (rejected - ref_rejected).detach()
