@@ -21,7 +21,10 @@ steps: every method trains on the demo's task and schedule (``state_tracking``, 
 rows x 256 tokens, cosine after 5 warm-up steps), then greedy exact match on the first
 ``--eval-examples`` held-out problems, as the method comparison scores adapters:
 
-    python bench/full_finetune_memory.py --accuracy --output /tmp/fft-accuracy.json   # ~5 min per method
+    python bench/full_finetune_memory.py --accuracy --output /tmp/fft-accuracy.json   # ~9 min per method
+
+With ``--output``, rows already in that file (same mode) are kept and not run again, so a stopped run
+resumes where it was.
 
 The learning rates and periods it uses are in ``ACCURACY_SETTINGS``: one AdamW learning rate for every
 Adam-based rule; BAdam's and LISA's switching periods shortened so that 100 steps visit most layers (their
@@ -310,10 +313,14 @@ def main() -> None:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     if "adamw" not in methods:
         methods.insert(0, "adamw")  # the baseline of every ratio
-    rows = []
+    rows = _earlier_rows(args)
+    done = {(r["model"], r["method"]) for r in rows}
     peers = [] if args.no_peers or args.accuracy else available_peers()
     for model in args.models.split(","):
         for method in methods + peers:
+            if (model, method) in done:
+                print(f"{method} on {model}: kept from {args.output}", flush=True)
+                continue
             result = run_child(method, model, args)
             if result is not None:
                 rows.append({"model": model, "method": method, **result})
@@ -323,6 +330,15 @@ def main() -> None:
     (print_accuracy_table if args.accuracy else print_table)(rows)
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=2))
+
+
+def _earlier_rows(args) -> list[dict]:
+    """Rows an earlier run with the same mode wrote to ``--output``: a stopped run resumes where it was."""
+    if not args.output or not Path(args.output).exists():
+        return []
+    rows = json.loads(Path(args.output).read_text())
+    wanted = "exact_match" if args.accuracy else "optimizer_state_bytes"
+    return [r for r in rows if wanted in r]
 
 
 def print_accuracy_table(rows: list[dict]) -> None:
