@@ -83,6 +83,25 @@ def test_packed_pairs_give_the_dpo_loss_and_gradients_of_separate_sequences():
     assert any(g.abs().sum() > 0 for g in packed_grads)
 
 
+def test_eval_loss_shares_the_policy_forward_and_gives_the_training_loss_and_metrics():
+    """eval_loss_sum takes the loss and the KL from one policy forward; its loss and reward metrics must
+    be loss_sum's, in both pair layouts."""
+    model, tokenizer = tiny_chat_model_and_tokenizer()
+    add_adapter(model, LoraConfig(r=4), "default")
+    perturb_trainable(model, scale=0.3)
+    items = varied_pairs(tokenizer)
+    training = parse_train_config({"training": {"objective": "dpo"}}).training
+    objective = PairwiseObjective("dpo", training, Reference("adapter_off", "default", cache=False))
+    for options in ({}, {"share_prompt": True, "pack_to": ROW_TOKENS}):
+        batch = PreferencePlan(items, PAIRS, 0, 0, shuffle=False, **options).collate(list(range(PAIRS)))
+        with torch.no_grad():
+            loss, metrics = objective.loss_sum(model, batch)
+            eval_loss, eval_metrics = objective.eval_loss_sum(model, batch)
+        assert float(eval_loss) == pytest.approx(float(loss), abs=1e-5)
+        assert {k: v for k, v in eval_metrics.items() if k != "kl"} == pytest.approx(metrics, abs=1e-5)
+        assert eval_metrics["kl"] > 1e-4  # the perturbed adapter moved the policy from the reference
+
+
 def test_data_packing_packs_pairs_in_training_with_the_same_losses(tmp_path, one_torch_thread):
     path = tmp_path / "pairs.jsonl"
     with path.open("w") as f:

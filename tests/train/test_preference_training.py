@@ -71,7 +71,9 @@ def test_token_kl_is_the_full_vocabulary_kl_of_policy_from_reference():
     add_adapter(model, LoraConfig(r=4), "default")
     perturb_trainable(model, scale=0.2)
     reference = Reference("adapter_off", "default", cache=False)
-    per_token = token_kl(model, batch, reference.run(model, batch, labelled_hidden_states), chunk_size=4)
+    with torch.no_grad():
+        policy_hidden = labelled_hidden_states(model, batch)
+    per_token = token_kl(model, batch, policy_hidden, reference.run(model, batch, labelled_hidden_states), chunk_size=4)
     with torch.no_grad():  # the definition, on whole-sequence logits: sum_v p (log p - log q)
         policy = F.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1].float(), dim=-1)
         base = tiny_llama()

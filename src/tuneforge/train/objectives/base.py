@@ -14,7 +14,8 @@ from tuneforge.models.precision import autocast
 from tuneforge.train.objectives.dpo import chosen_nll, dpo_loss
 from tuneforge.train.objectives.ipo import ipo_loss
 from tuneforge.train.objectives.kto import kl_reference_point, kto_loss
-from tuneforge.train.objectives.logprobs import labelled_hidden_states, pair_logprobs, per_answer_sums, sequence_logprobs, token_kl
+from tuneforge.train.objectives.logprobs import (labelled_hidden_states, logprobs_from_hidden, pair_logprobs, per_answer_sums,
+                                                 sequence_logprobs, token_kl)
 from tuneforge.train.objectives.orpo import orpo_loss
 from tuneforge.train.objectives.reference import Reference
 from tuneforge.train.objectives.simpo import simpo_loss
@@ -75,9 +76,10 @@ class PairwiseObjective:
     def _logprobs(self, model, batch):
         return pair_logprobs(model, batch, self.training.loss_chunk_size)[0]
 
-    def pair_losses(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(per-pair losses, chosen rewards, rejected rewards), each (P,)."""
-        logps, tokens = pair_logprobs(model, batch, self.training.loss_chunk_size)
+    def pair_losses(self, model, batch, logprobs=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(per-pair losses, chosen rewards, rejected rewards), each (P,). ``logprobs``: the policy's
+        (summed log-probs, labelled tokens) per answer when the caller already has them."""
+        logps, tokens = logprobs if logprobs is not None else pair_logprobs(model, batch, self.training.loss_chunk_size)
         chosen, rejected = logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         if self.name in ("dpo", "ipo"):
@@ -103,16 +105,21 @@ class PairwiseObjective:
 
     def eval_loss_sum(self, model, batch):
         """As :meth:`loss_sum`, plus (DPO, IPO) ``kl``: the exact KL(policy || reference) summed over an
-        answer's tokens, averaged over each pair's two answers: how far training has moved the policy."""
-        loss, metrics = self.loss_sum(model, batch)
-        if self.reference is not None:
-            reference_hidden = self.reference.run(model, batch, labelled_hidden_states)
-            per_token = token_kl(model, batch, reference_hidden, self.training.loss_chunk_size)
-            metrics["kl"] = float(per_answer_sums(per_token, batch)[0].sum()) / 2
-        return loss, metrics
+        answer's tokens, averaged over each pair's two answers: how far training has moved the policy.
+        The policy's forward serves both the loss and the KL."""
+        if self.reference is None:
+            return self.loss_sum(model, batch)
+        policy_hidden = labelled_hidden_states(model, batch)
+        per_token = logprobs_from_hidden(model, batch, policy_hidden, self.training.loss_chunk_size)
+        losses, chosen_reward, rejected_reward = self.pair_losses(model, batch, per_answer_sums(per_token, batch))
+        metrics = _reward_metric_sums(chosen_reward, rejected_reward)
+        reference_hidden = self.reference.run(model, batch, labelled_hidden_states)
+        kl = token_kl(model, batch, policy_hidden, reference_hidden, self.training.loss_chunk_size)
+        metrics["kl"] = float(per_answer_sums(kl, batch)[0].sum()) / 2
+        return losses.sum(), metrics
 
     def evaluate(self, model, batches, device):
-        return _evaluate_mean(self, model, batches, self.training.precision, device)
+        return _evaluate_mean(self.eval_loss_sum, self.units, model, batches, self.training.precision, device)
 
 
 class KtoObjective:
@@ -148,7 +155,7 @@ class KtoObjective:
                               "kl": float(z0) * len(rewards)}
 
     def evaluate(self, model, batches, device):
-        return _evaluate_mean(self, model, batches, self.training.precision, device)
+        return _evaluate_mean(self.loss_sum, self.units, model, batches, self.training.precision, device)
 
 
 def default_beta(objective: str) -> float:
@@ -161,8 +168,9 @@ def _reward_metric_sums(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[st
             "reward_margin": float((chosen - rejected).sum()), "preference_accuracy": float((chosen > rejected).float().sum())}
 
 
-def _evaluate_mean(objective, model, batches, precision, device) -> tuple[float, dict[str, float]]:
-    """Mean loss and metrics over held-out batches, without gradients."""
+def _evaluate_mean(loss_sum, units_of, model, batches, precision, device) -> tuple[float, dict[str, float]]:
+    """Mean loss and metrics over held-out batches, without gradients: ``loss_sum(model, batch)`` gives
+    (summed loss, summed metrics), ``units_of(batch)`` what they are averaged over."""
     was_training = model.training
     model.eval()
     total, units, sums = 0.0, 0, {}
@@ -171,9 +179,9 @@ def _evaluate_mean(objective, model, batches, precision, device) -> tuple[float,
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast(precision, device):
-                    loss, metrics = getattr(objective, "eval_loss_sum", objective.loss_sum)(model, batch)
+                    loss, metrics = loss_sum(model, batch)
                 total += float(loss)
-                units += objective.units(batch)
+                units += units_of(batch)
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
     finally:

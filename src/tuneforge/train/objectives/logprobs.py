@@ -19,10 +19,20 @@ def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
 
     Position t holds log p(token t+1 | tokens <= t), as in the causal-LM loss."""
     hidden = hidden_states(model, batch)  # (B, T, H)
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    logprobs = logprobs_from_hidden(model, batch, hidden[:, :-1][keep], chunk_size)
+    if not keep.any():
+        logprobs = logprobs + hidden.sum() * 0.0  # keeps the graph connected when nothing is labelled
+    return logprobs, keep
+
+
+def logprobs_from_hidden(model: nn.Module, batch: dict[str, torch.Tensor], selected: torch.Tensor,
+                         chunk_size: int = 1024) -> torch.Tensor:
+    """Per-token log-probs (B, T-1) float32, zero where unlabelled, from the final hidden states (N, H) at
+    the positions that predict a labelled token (:func:`labelled_hidden_states`)."""
     _, head = backbone_and_head(model)
-    labels = batch["labels"][:, 1:]  # (B, T-1)
-    keep = labels != IGNORE_INDEX
-    selected, targets = hidden[:, :-1][keep], labels[keep]  # (N, H), (N,)
+    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    targets = batch["labels"][:, 1:][keep]  # (N,)
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     pieces = []
     for start in range(0, int(targets.numel()), chunk_size):
@@ -31,12 +41,8 @@ def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size:
             pieces.append(checkpoint(_chunk_logprobs, head, chunk, chunk_targets, softcap, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(head, chunk, chunk_targets, softcap))
-    out = hidden.new_zeros(labels.shape, dtype=torch.float32)
-    if pieces:
-        out = out.masked_scatter(keep, torch.cat(pieces))
-    else:
-        out = out + hidden.sum() * 0.0  # keeps the graph connected when nothing is labelled
-    return out, keep
+    out = selected.new_zeros(keep.shape, dtype=torch.float32)
+    return out.masked_scatter(keep, torch.cat(pieces)) if pieces else out
 
 
 def sequence_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,14 +87,14 @@ def labelled_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> 
 
 
 @torch.no_grad()
-def token_kl(model: nn.Module, batch: dict[str, torch.Tensor], reference_hidden: torch.Tensor,
-             chunk_size: int = 1024) -> torch.Tensor:
+def token_kl(model: nn.Module, batch: dict[str, torch.Tensor], policy_hidden: torch.Tensor,
+             reference_hidden: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     """Exact per-token KL(policy || reference) over the whole vocabulary, (B, T-1) float32, zero where
     unlabelled: sum_v p(v) (log p(v) - log q(v)) at each position that predicts a labelled token.
-    ``reference_hidden`` is :func:`labelled_hidden_states` under the reference weights. For metrics only."""
+    ``policy_hidden`` and ``reference_hidden`` are :func:`labelled_hidden_states` under the policy's and
+    the reference's weights. For metrics only."""
     _, head = backbone_and_head(model)
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    policy_hidden = labelled_hidden_states(model, batch)
     pieces = []
     for start in range(0, int(policy_hidden.shape[0]), chunk_size):
         policy = _log_softmax(head, policy_hidden[start:start + chunk_size], softcap)
