@@ -59,6 +59,7 @@ def test_fsdp_full_finetuning_on_two_ranks_takes_the_steps_of_one_process_and_re
     config = write_config(tmp_path, two_settings)
     result = launch(["-m", "tuneforge", "train", str(config), "--nproc", "2"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "read only its rows of the weights" in result.stderr  # no rank loaded the whole model (sharded_load.py)
     assert_same_steps(train_records(tmp_path / "two"), expected)
     assert_same_weights(model_tensors(tmp_path / "two"), expected_weights)
     checkpoint = tmp_path / "two" / "checkpoints" / "step-0000002"

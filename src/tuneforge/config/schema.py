@@ -177,6 +177,10 @@ class FsdpConfig(Section):
         True, description="free each decoder layer's gathered weights after its forward and gather them again for "
                           "backward (ZeRO-3-like, least memory); false keeps them until backward (ZeRO-2-like, "
                           "fewer all-gathers)")
+    load_shards: bool = Field(
+        True, description="full finetuning of a safetensors model: build the model with empty weights, shard it, "
+                          "and read only this rank's rows of each weight, so no rank ever holds the whole model; "
+                          "false loads the whole model on every rank first")
 
 
 class DistributedConfig(Section):

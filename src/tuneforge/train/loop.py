@@ -56,6 +56,7 @@ from tuneforge.train.optim import build_scheduler
 from tuneforge.train.progress import TrainProgress
 from tuneforge.train.report import RunSummary, save_summary
 from tuneforge.train.run_dir import check_run_dir, claim_run_dir, discard_replaced_runs
+from tuneforge.train.sharded_load import plan_sharded_load
 from tuneforge.train.strategy import pick_strategy, resolve_device
 from tuneforge.train.update_rules import UpdateRule, build_update_rule
 
@@ -90,7 +91,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     device = strategy.device
     precision_note = _resolve_precision(config, device)
     selection = plan_training_selection(config, run_dir)  # every selection check, before the model loads
-    model, tokenizer = model_and_tokenizer or _load_base(config, device)
+    sharded_load = plan_sharded_load(config, strategy) if model_and_tokenizer is None else None
+    model, tokenizer = model_and_tokenizer or (sharded_load.empty_model() if sharded_load else _load_base(config, device))
     data = prepare_data(config, tokenizer, select=selection.bind(model, tokenizer) if selection else None)
     if config.training.eval_generate:
         require_gold_answers(data.eval_examples[: config.training.eval_generate])
@@ -102,7 +104,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if not full:
         add_adapter(model, config.adapter, ADAPTER_NAME, **_attach_options(config, tokenizer))
         start_from_init_adapter(model, config.training, ADAPTER_NAME)
-    model.to(device)
+    if sharded_load is None:  # a sharded load puts each rank's rows on the device itself
+        model.to(device)
     objective = build_objective(config, tokenizer, ADAPTER_NAME)
     if prepare_adapter is not None:
         prepare_adapter(model)
@@ -118,7 +121,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     if config.training.compile:
         compile_decoder_layers(model)
     total_steps = planned_steps(config, data)
-    strategy.prepare(model)  # DDP: wrap now the trainable parameters are final
+    strategy.prepare(model, fill=sharded_load.fill if sharded_load else None)  # wrap now the trainable parameters are final
     rule = (make_update_rule or build_update_rule)(model, config, full)
     optimizer = rule.optimizer
     scheduler = build_scheduler(optimizer, config.training, total_steps)
@@ -141,7 +144,9 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     trainable, total = trainable_parameters(model)
     progress.note(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)"
                   + (f"; resuming from {checkpoint.name}" if checkpoint else ""))
-    progress.note(precision_note + (f"; {fused_note}" if fused_note else ""))
+    load_note = (f"each of the {strategy.world_size} ranks read only its rows of the weights "
+                 "(distributed.fsdp.load_shards)") if sharded_load else None
+    progress.note("; ".join(note for note in (precision_note, fused_note, load_note) if note))
     base_name = config.model
 
     def save(reason: str) -> Path | None:

@@ -62,7 +62,7 @@ class SingleProcess:
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, fill=None) -> None:
         """Called once the trainable parameters are final, before the optimizer is built."""
 
     def forward(self, loss_fn, model: nn.Module, batch: dict[str, torch.Tensor]):
@@ -122,7 +122,7 @@ class DataParallel(SingleProcess):
         start = self.rank * share
         return {key: value[start:start + share] for key, value in batch.items()}
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, fill=None) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -158,13 +158,16 @@ class FullyShardedDataParallel(DataParallel):
         self.reshard_after_forward = reshard_after_forward
         self._root: nn.Module | None = None
 
-    def prepare(self, model: nn.Module) -> None:
+    def prepare(self, model: nn.Module, fill=None) -> None:
+        """Shard ``model``. ``fill(model, device)``: the model has meta parameters, and fill gives the
+        shards storage and reads each rank's rows (train/sharded_load.py)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         from tuneforge.train.compile import decoder_layers
 
-        _sync_initial_weights(model)  # fully_shard keeps each rank's own values: start from rank 0's
+        if fill is None:
+            _sync_initial_weights(model)  # fully_shard keeps each rank's own values: start from rank 0's
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         options = {"mesh": mesh, "mp_policy": mixed_precision_policy(model)}
         for layer in decoder_layers(model) or []:
@@ -172,6 +175,8 @@ class FullyShardedDataParallel(DataParallel):
         # The root wraps the model the way DDP's does: the objectives call the backbone and the LM head
         # separately, and the root's forward is where FSDP gathers the parameters outside the layers.
         root = fully_shard(_LossForward(model), **options)
+        if fill is not None:
+            fill(model, self.device)
         _sum_gradients(root)
         self._root = root
 
