@@ -1,6 +1,6 @@
 """The sharded load of FSDP full finetuning (train/sharded_load.py), in one process.
 
-Oracle: transformers' own ``from_pretrained`` of the same directory. The two-rank path (each rank
+Oracle: ``load_model`` (transformers' ``from_pretrained``) of the same directory. The two-rank path (each rank
 reading only its rows) is checked against one process in test_fsdp.py, whose full-finetuning runs use
 it by default.
 """
@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import sample_ids, tiny_llama
-from transformers import AutoModelForCausalLM
 
 from tuneforge.config import parse_train_config
 from tuneforge.errors import ModelLoadError
+from tuneforge.models import load_model
 from tuneforge.train.sharded_load import ShardedLoad, has_meta_parameters, plan_sharded_load
 from tuneforge.train.strategy import DataParallel, FullyShardedDataParallel, SingleProcess
 
@@ -38,11 +38,12 @@ def test_filled_model_equals_from_pretrained(tmp_path, tied):
     assert all(buffer.device.type != "meta" for buffer in model.buffers())  # computed, not loaded
     load.fill(model, torch.device("cpu"))
     assert not has_meta_parameters(model)
-    expected = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    expected = load_model(str(folder), dtype="float32").model.eval()  # transformers' from_pretrained, as training loads
     ids = sample_ids()
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(input_ids=ids).logits, expected(input_ids=ids).logits)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert model.generation_config.eos_token_id == expected.generation_config.eos_token_id
 
 
 def test_a_tensor_of_the_wrong_shape_names_the_tensor_and_the_file(tmp_path):

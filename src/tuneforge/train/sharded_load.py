@@ -38,7 +38,7 @@ class ShardedLoad:
 
     def empty_model(self):
         """(model with meta parameters and real buffers, tokenizer)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
         from tuneforge.models import load_tokenizer
         from tuneforge.models.special_tokens import configure_generation_stops
@@ -47,6 +47,8 @@ class ShardedLoad:
         model_config = AutoConfig.from_pretrained(self.directory)
         with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(model_config, dtype=self.dtype)
+        if (self.directory / "generation_config.json").is_file():  # as from_pretrained reads it
+            model.generation_config = GenerationConfig.from_pretrained(self.directory)
         configure_generation_stops(model.generation_config, tokenizer)
         return model, tokenizer
 
