@@ -59,8 +59,15 @@ def max_difference(a, b) -> float:
 
 # ---- GaLore: galore-torch's GaLoreAdamW is the oracle ----
 
-def test_galore_matches_galore_torch():
+@pytest.mark.parametrize("slice_elements", [None, 5])
+def test_galore_matches_galore_torch(slice_elements, monkeypatch):
+    """slice_elements=5: unprojected weights (embeddings, norms) take their Adam step in slices of 5
+    numbers, which must not change the step."""
     galore_torch = pytest.importorskip("galore_torch")
+    if slice_elements is not None:
+        from tuneforge.train.update_rules import galore
+
+        monkeypatch.setattr(galore, "SLICE_ELEMENTS", slice_elements)
     ours, rule, _ = model_and_rule({"method": "galore", "rank": 4, "update_proj_gap": 2, "scale": 0.25})
     backprop_steps(ours, rule, steps=5)  # crosses two projection refreshes
 

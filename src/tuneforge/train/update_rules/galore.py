@@ -39,6 +39,9 @@ from tuneforge.train.update_rules.projected_adam import (
 )
 
 
+SLICE_ELEMENTS = 1 << 20  # an unprojected weight's Adam step is taken 4 MiB (float32) at a time
+
+
 class GaLoreAdamW(PerParameterAdamW):
     """AdamW whose groups with ``rank`` keep their moments in the projected, r-dimensional space."""
 
@@ -53,12 +56,27 @@ class GaLoreAdamW(PerParameterAdamW):
             grad = _project(grad, projection)
         step = advance_moments(state, grad, group["betas"])
         beta1, beta2 = group["betas"]
-        direction = state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(group["eps"])
         step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-        if projected:
-            direction = _project_back(direction, state["projection"], param.shape) * group["scale"]
         decay_decoupled(param, group)
-        param.add_(direction.to(param.dtype), alpha=-step_size)
+        if projected:
+            direction = state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(group["eps"])
+            direction = _project_back(direction, state["projection"], param.shape).mul_(group["scale"])
+            param.add_(direction.to(param.dtype), alpha=-step_size)
+        else:
+            _adam_step_by_slices(param, state, group["eps"], step_size)
+
+
+def _adam_step_by_slices(param: nn.Parameter, state: dict, eps: float, step_size: float) -> None:
+    """W -= step_size * M / (sqrt(V) + eps) one slice at a time: the same arithmetic, but the temporaries
+    are one slice's size. Whole, they would be two copies of the largest unprojected weight (the
+    embedding: 2 x 192 MiB on the 0.5B config), alive at the end of backward in per-layer mode."""
+    if not param.is_contiguous():
+        param.add_((state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(eps)).to(param.dtype), alpha=-step_size)
+        return
+    slices = zip(param.view(-1).split(SLICE_ELEMENTS), state["exp_avg"].view(-1).split(SLICE_ELEMENTS),
+                 state["exp_avg_sq"].view(-1).split(SLICE_ELEMENTS))
+    for weight, exp_avg, exp_avg_sq in slices:
+        weight.add_((exp_avg / exp_avg_sq.sqrt().add_(eps)).to(weight.dtype), alpha=-step_size)
 
 
 def _projection(grad: torch.Tensor, rank: int) -> torch.Tensor:
