@@ -110,6 +110,11 @@ class TrainingConfig(Section):
                                                           "(no update); stop the run after this many in a row (fp16 "
                                                           "overflows while the loss scale is above 1 do not count)")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    cpu_memory: Literal["default", "lean"] = Field(
+        "default", description="lean: glibc's mmap threshold is fixed at 128 KiB, so memory a step frees goes back "
+                               "to the OS instead of staying in the heap (peak RSS of a 0.5B full finetune: "
+                               "per-layer GaLore -560 MiB, AdamW -380 MiB), for a page fault per fresh page of "
+                               "each large block. For the whole process; no effect without glibc or on a GPU")
     compile: bool = Field(False, description="torch.compile the decoder layers (~1 min once; faster steps on long runs)")
     fused_projections: bool | Literal["auto"] = Field(
         False, description="run q/k/v (and gate/up) LoRA/DoRA layers as one GEMM over their stacked base weights, "

@@ -34,6 +34,7 @@ from tuneforge.eval.generation import gold_answer, require_gold_answers, score_g
 from tuneforge.select.training import plan_training_selection
 from tuneforge.losses import token_loss_sum
 from tuneforge.models.precision import autocast, choose_precision, loss_scaler, without_loss_scaler
+from tuneforge.train.allocator import use_lean_cpu_allocator
 from tuneforge.train.checkpoint import (
     CheckpointError,
     TrainState,
@@ -86,6 +87,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     run_dir = check_run_dir(config, resume, overwrite, resume_anyway)
     check_eval_generate(config)
     check_objective_combinations(config)
+    if config.training.cpu_memory == "lean":
+        use_lean_cpu_allocator()  # before anything large is allocated
     torch.manual_seed(config.training.seed)
     strategy = pick_strategy(resolve_device(config.device), config)  # torchrun: DDP, this rank's device
     device = strategy.device
