@@ -130,7 +130,8 @@ def run_tuneforge(method: str, args) -> dict:
         "data": {"train": "arithmetic", "options": {"size": args.steps * args.batch_size * 2},
                  "max_seq_len": args.max_seq_len, "eval_size": 0},
         "training": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup_steps": 0,
-                     "scheduler": "constant", "log_every": 1, "precision": args.precision, **overrides},
+                     "scheduler": "constant", "log_every": 1, "precision": args.precision,
+                     "cpu_memory": args.cpu_memory, **overrides},
     })  # save_every unset: one checkpoint, after the last step, so no save falls inside the training peak
     stamps, losses, peaks = [], [], []
 
@@ -250,6 +251,10 @@ def child_main(args) -> None:
     import torch
 
     torch.manual_seed(0)
+    if args.cpu_memory == "lean" and (args.child == "inference" or args.child.startswith("peer-")):
+        from tuneforge.train.allocator import use_lean_cpu_allocator
+
+        use_lean_cpu_allocator()  # what tuneforge's train() does for training.cpu_memory: lean
     if args.accuracy:
         result = run_accuracy(args.child, args)
     elif args.child == "inference":
@@ -265,6 +270,7 @@ def run_child(method: str, model: str, args) -> dict | None:
     command = [sys.executable, __file__, "--child", method, "--models", model, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len), "--lr", str(args.lr),
                "--device", args.device, "--precision", args.precision, "--workdir", args.workdir,
+               "--cpu-memory", args.cpu_memory,
                "--eval-examples", str(args.eval_examples)] + (["--accuracy"] if args.accuracy else [])
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
@@ -297,6 +303,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--cpu-memory", default="default", choices=["default", "lean"],
+                        help="training.cpu_memory for every side (lean: freed memory goes back to the OS)")
     parser.add_argument("--workdir", default="/tmp/tuneforge-full-ft-bench")
     parser.add_argument("--child", choices=[*METHODS, *PEERS])
     parser.add_argument("--output", help="also write the results as JSON here")
@@ -314,16 +322,16 @@ def main() -> None:
     if "adamw" not in methods:
         methods.insert(0, "adamw")  # the baseline of every ratio
     rows = _earlier_rows(args)
-    done = {(r["model"], r["method"]) for r in rows}
+    done = {(r["model"], r["method"], r.get("cpu_memory", "default")) for r in rows}
     peers = [] if args.no_peers or args.accuracy else available_peers()
     for model in args.models.split(","):
         for method in methods + peers:
-            if (model, method) in done:
+            if (model, method, args.cpu_memory) in done:
                 print(f"{method} on {model}: kept from {args.output}", flush=True)
                 continue
             result = run_child(method, model, args)
             if result is not None:
-                rows.append({"model": model, "method": method, **result})
+                rows.append({"model": model, "method": method, "cpu_memory": args.cpu_memory, **result})
                 print(json.dumps(rows[-1]), flush=True)
                 if args.output:  # after every row, so a long run that is stopped keeps what it measured
                     Path(args.output).write_text(json.dumps(rows, indent=2))
@@ -352,13 +360,17 @@ def print_accuracy_table(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    baseline = {r["model"]: r["peak_rss_mib"] for r in rows if r["method"] == "adamw"}
-    print("\n| model | method | peak RSS MiB | vs full AdamW | optimizer state MiB | s/step | last loss |")
-    print("|---|---|---|---|---|---|---|")
+    """Each ratio is against full AdamW of the same model and the same cpu_memory setting."""
+    def setting(row):
+        return row["model"], row.get("cpu_memory", "default")
+
+    baseline = {setting(r): r["peak_rss_mib"] for r in rows if r["method"] == "adamw"}
+    print("\n| model | cpu_memory | method | peak RSS MiB | vs full AdamW | optimizer state MiB | s/step | last loss |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ratio = r["peak_rss_mib"] / baseline[r["model"]] if r["model"] in baseline else float("nan")
+        ratio = r["peak_rss_mib"] / baseline[setting(r)] if setting(r) in baseline else float("nan")
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
-        print(f"| {r['model']} | {r['method']} | {r['peak_rss_mib']:.0f} | {ratio:.2f}x | "
+        print(f"| {r['model']} | {setting(r)[1]} | {r['method']} | {r['peak_rss_mib']:.0f} | {ratio:.2f}x | "
               f"{r['optimizer_state_bytes'] / 2**20:.1f} | {r['step_seconds']:.3f} | {loss} |")
 
 
