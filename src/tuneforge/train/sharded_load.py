@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from tuneforge.errors import ModelLoadError
 
@@ -38,17 +40,19 @@ class ShardedLoad:
 
     def empty_model(self):
         """(model with meta parameters and real buffers, tokenizer)."""
-        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
         from tuneforge.models import load_tokenizer
         from tuneforge.models.special_tokens import configure_generation_stops
 
         tokenizer = load_tokenizer(str(self.directory))
-        model_config = AutoConfig.from_pretrained(self.directory)
-        with parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(model_config, dtype=self.dtype)
-        if (self.directory / "generation_config.json").is_file():  # as from_pretrained reads it
-            model.generation_config = GenerationConfig.from_pretrained(self.directory)
+        try:
+            model_config = AutoConfig.from_pretrained(self.directory)
+            with parameters_on_meta():
+                model = AutoModelForCausalLM.from_config(model_config, dtype=self.dtype)
+            if (self.directory / "generation_config.json").is_file():  # as from_pretrained reads it
+                model.generation_config = GenerationConfig.from_pretrained(self.directory)
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelLoadError(f"Cannot build the model {self.source!r} from {self.directory}: {error}. Check its "
+                                 "config.json, or set distributed.fsdp.load_shards: false to load it whole.") from error
         configure_generation_stops(model.generation_config, tokenizer)
         return model, tokenizer
 
@@ -58,11 +62,9 @@ class ShardedLoad:
         files = weight_files(self.directory)
         names = {name: _checkpoint_key(name, files, self.source) for name, _ in model.named_parameters()}
         by_file: dict[Path, list[str]] = {}
-        for name, (key, path) in names.items():
+        for name, (_, path) in names.items():
             by_file.setdefault(path, []).append(name)
         params = dict(model.named_parameters())
-        from safetensors import safe_open
-
         with torch.no_grad():
             for path, file_names in by_file.items():
                 with safe_open(str(path), framework="pt") as weights:
@@ -76,7 +78,7 @@ def plan_sharded_load(config, strategy) -> ShardedLoad | None:
     from tuneforge.models.placement import parse_dtype
     from tuneforge.train.full import is_full_finetune
 
-    if not getattr(strategy, "shards_state", False) or not config.distributed.fsdp.load_shards:
+    if not strategy.shards_state or not config.distributed.fsdp.load_shards:
         return None
     if not is_full_finetune(config.adapter) or config.quantization is not None:
         return None
@@ -102,8 +104,6 @@ def weight_files(directory: Path) -> dict[str, Path]:
     single = directory / SINGLE_FILE
     if not single.is_file():
         return {}
-    from safetensors import safe_open
-
     with safe_open(str(single), framework="pt") as weights:
         return {key: single for key in weights.keys()}
 
