@@ -17,7 +17,7 @@ def bench():
 
 
 def args_for(tmp_path, **overrides):
-    settings = dict(model="tiny", steps=2, batch_size=2, max_seq_len=96, lr=1e-3, device="cpu", precision="fp32",
+    settings = dict(model="tiny", steps=2, batch_size=2, max_seq_len=96, lr=1e-3, device="cpu", precision="fp32", cpu_memory="default",
                     workdir=str(tmp_path))
     return argparse.Namespace(**{**settings, **overrides})
 
