@@ -138,3 +138,32 @@ def test_a_bf16_base_with_a_float32_adapter_gets_a_mixed_precision_policy():
     policy = mixed_precision_policy(layer)
     assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
     assert mixed_precision_policy(nn.Linear(4, 4)).param_dtype is None  # one dtype: no casting
+
+
+def test_hsdp_with_cpu_offload_on_four_ranks_takes_the_steps_of_one_process(tmp_path, model_dir, one_torch_thread):
+    """2 replica groups x 2 shards (a 2-D mesh: reduce-scatter inside a group, all-reduce across groups),
+    every shard in CPU memory: still the steps and final weights of one process with the whole batch."""
+    reference = train(parse_train_config(full_settings(model_dir, tmp_path / "one", max_steps=4)))
+    expected = train_records(reference.run_dir)
+    values = full_settings(model_dir, tmp_path / "hsdp", max_steps=4, save_every=2)
+    values["distributed"]["fsdp"] = {"replicas": 2, "cpu_offload": True}
+    result = launch(["-m", "tuneforge", "train", str(write_config(tmp_path, values)), "--nproc", "4"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "HSDP: 2 replica groups x 2 shards; shards offloaded to CPU memory" in result.stderr
+    assert "read only its rows of the weights" in result.stderr  # rows along the mesh's shard dimension
+    assert_same_steps(train_records(tmp_path / "hsdp"), expected)
+    assert_same_weights(model_tensors(tmp_path / "hsdp"), model_tensors(reference.run_dir))
+    # The step-2 checkpoint (DCP over the 2-D mesh) resumes in one process with steps 3 and 4.
+    resumed = []
+    train(parse_train_config(values), resume=True, on_step=lambda step, loss: resumed.append(loss))
+    assert resumed == pytest.approx([r["train_loss"] for r in expected[2:]], rel=1e-5)
+
+
+def test_replicas_that_do_not_divide_the_processes_are_refused_before_anything_loads():
+    def config(batch_size):
+        return parse_train_config({"training": {"batch_size": batch_size}, "adapter": {"method": "full"},
+                                   "distributed": {"fsdp": {"replicas": 2}}})
+
+    with pytest.raises(ConfigError, match="replicas=2 must divide the 3 processes"):
+        check_distributed(config(6), 3)
+    check_distributed(config(4), 4)  # 2 groups of 2

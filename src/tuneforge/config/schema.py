@@ -186,6 +186,16 @@ class FsdpConfig(Section):
         True, description="full finetuning of a safetensors model: build the model with empty weights, shard it, "
                           "and read only this rank's rows of each weight, so no rank ever holds the whole model; "
                           "false loads the whole model on every rank first")
+    replicas: int = Field(
+        1, ge=1, description="HSDP: the processes form this many replica groups; each group shards the model across "
+                             "its world_size / replicas processes, and the groups all-reduce gradients. Set it to the "
+                             "number of nodes so the all-gathers and reduce-scatters stay inside a node; 1 shards "
+                             "across every process (plain FSDP)")
+    cpu_offload: bool = Field(
+        False, description="keep the weight, gradient and optimizer-state shards in CPU memory and run the optimizer "
+                           "step there (FSDP2's CPUOffloadPolicy); each layer's weights are copied to the device for "
+                           "its forward and backward. Saves device memory for a slower step; on a CPU device it saves "
+                           "nothing")
 
 
 class DistributedConfig(Section):

@@ -149,7 +149,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
                   + (f"; resuming from {checkpoint.name}" if checkpoint else ""))
     load_note = (f"each of the {strategy.world_size} ranks read only its rows of the weights "
                  "(distributed.fsdp.load_shards)") if sharded_load else None
-    progress.note("; ".join(note for note in (precision_note, fused_note, load_note) if note))
+    notes = (precision_note, fused_note, strategy.layout_note(), load_note)
+    progress.note("; ".join(note for note in notes if note))
     base_name = config.model
 
     def save(reason: str) -> Path | None:

@@ -8,7 +8,8 @@ loaded), sharded, given empty local storage (tied weights kept tied), and each r
 from the safetensors files (``safe_open(...).get_slice``), one tensor at a time.
 
 FSDP2 shards every parameter on dim 0 the way ``torch.chunk`` splits it: rank r holds rows
-[r*c, min((r+1)*c, n)) with c = ceil(n / world size).
+[r*c, min((r+1)*c, n)) with c = ceil(n / world size). Under HSDP, r and the world size are those of the
+mesh's shard dimension. With CPU offload the storage is given on the CPU, where FSDP keeps the shards.
 """
 
 from __future__ import annotations
@@ -60,16 +61,15 @@ class ShardedLoad:
         """Give the sharded meta parameters storage on ``device`` and read this rank's rows into them."""
         _give_storage(model, device)
         files = weight_files(self.directory)
-        names = {name: _checkpoint_key(name, files, self.source) for name, _ in model.named_parameters()}
-        by_file: dict[Path, list[str]] = {}
-        for name, (_, path) in names.items():
-            by_file.setdefault(path, []).append(name)
-        params = dict(model.named_parameters())
+        by_file: dict[Path, list[tuple[str, str, nn.Parameter]]] = {}
+        for name, param in model.named_parameters():
+            key, path = _checkpoint_key(name, files, self.source)
+            by_file.setdefault(path, []).append((name, key, param))
         with torch.no_grad():
-            for path, file_names in by_file.items():
+            for path, wanted in by_file.items():
                 with safe_open(str(path), framework="pt") as weights:
-                    for name in file_names:
-                        _read_local_rows(params[name], weights.get_slice(names[name][0]), name, path)
+                    for name, key, param in wanted:
+                        _read_local_rows(param, weights.get_slice(key), name, path)
 
 
 def plan_sharded_load(config, strategy) -> ShardedLoad | None:
@@ -135,14 +135,14 @@ def has_meta_parameters(model: nn.Module) -> bool:
 def _give_storage(model: nn.Module, device: torch.device) -> None:
     """Empty storage on ``device`` for every meta parameter, as ``Module.to_empty`` gives, but a parameter
     shared by several modules (tied embeddings) stays one parameter, and buffers are left as they are."""
-    made: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is None or not param.is_meta:
-                continue
-            if id(param) not in made:
-                made[id(param)] = nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
-            module._parameters[name] = made[id(param)]
+    from tuneforge.train.strategy import swap_parameters
+
+    def empty(_, param):
+        if not param.is_meta:
+            return None
+        return nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
+
+    swap_parameters(model, empty)
 
 
 def _checkpoint_key(name: str, files: dict[str, Path], source: str) -> tuple[str, Path]:
@@ -168,7 +168,7 @@ def _read_local_rows(param: nn.Parameter, saved, name: str, path: Path) -> None:
         param.copy_(saved[:])
         return
     local = param.to_local()
-    rank, world = param.device_mesh.get_local_rank(), param.device_mesh.size()
+    rank, world = _shard_coordinate(param)
     rows_per_rank = math.ceil(shape[0] / world)
     start = min(rank * rows_per_rank, shape[0])
     stop = min(start + rows_per_rank, shape[0])
@@ -176,6 +176,17 @@ def _read_local_rows(param: nn.Parameter, saved, name: str, path: Path) -> None:
         raise RuntimeError(f"{name}: FSDP gave rank {rank} {local.shape[0]} rows, expected {stop - start}")
     if stop > start:
         local.copy_(saved[start:stop])
+
+
+def _shard_coordinate(param) -> tuple[int, int]:
+    """(this rank's index, the number of shards) along the mesh dimension that shards dim 0. Under HSDP the
+    mesh is replicas x shards and the other dimension replicates: every replica group holds the same rows."""
+    from torch.distributed.tensor import Shard
+
+    for mesh_dim, placement in enumerate(param.placements):
+        if isinstance(placement, Shard):
+            return param.device_mesh.get_local_rank(mesh_dim), param.device_mesh.size(mesh_dim)
+    return 0, 1  # replicated on every mesh dimension: the whole tensor
 
 
 def _saved_dtype(directory: Path) -> torch.dtype:

@@ -30,7 +30,12 @@ right after its backward -- and the root unit holds the rest (embeddings, final 
 same sharding, summing and ``no_sync`` rules as DDP apply (reduce-scatter with SUM; gradient sync
 off while accumulating). ``distributed.fsdp.reshard_after_forward`` frees a layer's gathered weights
 after its forward (ZeRO-3) or keeps them until its backward (ZeRO-2-like: fewer all-gathers, more
-memory).
+memory). ``distributed.fsdp.replicas > 1`` makes the mesh 2-D, replicas x (W / replicas): hybrid
+sharding (HSDP, Zhao et al. 2023 §3.2.2), where each replica group shards the model among its own
+ranks and the groups all-reduce the sharded gradients -- so with one group per node the all-gathers
+and reduce-scatters never leave a node. ``distributed.fsdp.cpu_offload`` keeps the shards of the
+weights, gradients and AdamW state in CPU memory (FSDP2's ``CPUOffloadPolicy``): the optimizer step
+runs on the CPU, and each unit's shards are copied to the device for its all-gather.
 """
 
 from __future__ import annotations
@@ -83,6 +88,10 @@ class SingleProcess:
 
     def close(self) -> None:
         pass
+
+    def layout_note(self) -> str | None:
+        """How the work is laid out across processes, for the run's first lines; None in one process."""
+        return None
 
 
 class _LossForward(nn.Module):
@@ -141,6 +150,9 @@ class DataParallel(SingleProcess):
         dist.all_reduce(total)
         return float(total.item())
 
+    def layout_note(self) -> str | None:
+        return f"DDP over {self.world_size} ranks"
+
     def _collective_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -153,30 +165,60 @@ class FullyShardedDataParallel(DataParallel):
 
     shards_state = True
 
-    def __init__(self, device: torch.device, rank: int, world_size: int, reshard_after_forward: bool = True):
+    def __init__(self, device: torch.device, rank: int, world_size: int, reshard_after_forward: bool = True,
+                 replicas: int = 1, cpu_offload: bool = False):
         super().__init__(device, rank, world_size)
         self.reshard_after_forward = reshard_after_forward
+        self.replicas = replicas
+        self.cpu_offload = cpu_offload
         self._root: nn.Module | None = None
+
+    def _mesh(self):
+        """1-D over every rank (FSDP), or replicas x shards with named dimensions (HSDP)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if self.replicas == 1:
+            return init_device_mesh(self.device.type, (self.world_size,))
+        return init_device_mesh(self.device.type, (self.replicas, self.world_size // self.replicas),
+                                mesh_dim_names=("replicate", "shard"))
+
+    def _offload_policy(self):
+        from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+        if not self.cpu_offload:
+            return OffloadPolicy()
+        return CPUOffloadPolicy(pin_memory=self.device.type == "cuda")  # pinning needs an accelerator
+
+    def layout_note(self) -> str | None:
+        if self.replicas == 1:
+            layout = f"FSDP over {self.world_size} ranks"
+        else:
+            layout = f"HSDP: {self.replicas} replica groups x {self.world_size // self.replicas} shards"
+        return layout + ("; shards offloaded to CPU memory" if self.cpu_offload else "")
+
+    @property
+    def shard_device(self) -> torch.device:
+        """Where the shards live: the CPU when offloaded, else this rank's device."""
+        return torch.device("cpu") if self.cpu_offload else self.device
 
     def prepare(self, model: nn.Module, fill=None) -> None:
         """Shard ``model``. ``fill(model, device)``: the model has meta parameters, and fill gives the
         shards storage and reads each rank's rows (train/sharded_load.py)."""
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
         from tuneforge.train.compile import decoder_layers
 
         if fill is None:
             _sync_initial_weights(model)  # fully_shard keeps each rank's own values: start from rank 0's
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        options = {"mesh": mesh, "mp_policy": mixed_precision_policy(model)}
+        options = {"mesh": self._mesh(), "mp_policy": mixed_precision_policy(model),
+                   "offload_policy": self._offload_policy()}
         for layer in decoder_layers(model) or []:
             fully_shard(layer, reshard_after_forward=self.reshard_after_forward, **options)
         # The root wraps the model the way DDP's does: the objectives call the backbone and the LM head
         # separately, and the root's forward is where FSDP gathers the parameters outside the layers.
         root = fully_shard(_LossForward(model), **options)
         if fill is not None:
-            fill(model, self.device)
+            fill(model, self.shard_device)
         _sum_gradients(root)
         self._root = root
 
@@ -244,13 +286,19 @@ def _sync_initial_weights(model: nn.Module) -> None:
 
 def _replace_parameters(model: nn.Module, whole: dict[str, torch.Tensor]) -> None:
     """Swap each sharded parameter for its whole tensor; tied parameters stay one Parameter."""
-    replaced: dict[int, nn.Parameter] = {}
+    swap_parameters(model, lambda name, param: nn.Parameter(whole[name], requires_grad=param.requires_grad))
+
+
+def swap_parameters(model: nn.Module, make) -> None:
+    """Replace every parameter by ``make(name, parameter)`` (None keeps it). A parameter several modules
+    share (tied embeddings) is made once, under its first name, and stays shared."""
+    made: dict[int, nn.Parameter | None] = {}
     for name, param in list(model.named_parameters(remove_duplicate=False)):
-        owner_name, _, attribute = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        if id(param) not in replaced:
-            replaced[id(param)] = nn.Parameter(whole[name], requires_grad=param.requires_grad)
-        owner._parameters[attribute] = replaced[id(param)]
+        if id(param) not in made:
+            made[id(param)] = make(name, param)
+        if made[id(param)] is not None:
+            owner_name, _, attribute = name.rpartition(".")
+            model.get_submodule(owner_name)._parameters[attribute] = made[id(param)]
 
 
 def shutdown_process_group() -> None:
@@ -280,7 +328,7 @@ def check_distributed(config, world_size: int) -> None:
             f"{world_size} processes; {world_size} does not divide it. Use a batch_size that is a multiple of "
             f"{world_size} (e.g. {world_size * max(1, training.batch_size // world_size)}) or another number of processes.")
     if chosen_strategy(config) == "fsdp":
-        problems.extend(_fsdp_problems(config))
+        problems.extend(_fsdp_problems(config, world_size))
     if training.objective != "sft":
         problems.append(f"training.objective={training.objective!r} is not tested on several processes yet; "
                         "run it in one process or use objective: sft")
@@ -308,8 +356,12 @@ def chosen_strategy(config) -> str:
     return "fsdp" if is_full_finetune(config.adapter) else "ddp"
 
 
-def _fsdp_problems(config) -> list[str]:
+def _fsdp_problems(config, world_size: int) -> list[str]:
     problems = []
+    replicas = config.distributed.fsdp.replicas
+    if world_size % replicas:
+        problems.append(f"distributed.fsdp.replicas={replicas} must divide the {world_size} processes into equal "
+                        "replica groups; set it to the number of nodes, or 1 for plain FSDP")
     if config.quantization is not None:
         problems.append("QLoRA (quantization:) does not run under FSDP: sharding turns the 4-bit weights into plain "
                         "tensors, which saves nothing. Use distributed.strategy: ddp (the frozen 4-bit base is not "
@@ -355,7 +407,9 @@ def pick_strategy(device: torch.device, config) -> SingleProcess:
         timeout = datetime.timedelta(seconds=config.distributed.timeout_seconds)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     if chosen_strategy(config) == "fsdp":
-        strategy = FullyShardedDataParallel(device, rank, world_size, config.distributed.fsdp.reshard_after_forward)
+        fsdp = config.distributed.fsdp
+        strategy = FullyShardedDataParallel(device, rank, world_size, fsdp.reshard_after_forward, fsdp.replicas,
+                                            fsdp.cpu_offload)
     else:
         strategy = DataParallel(device, rank, world_size)
     try:
