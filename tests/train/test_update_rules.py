@@ -88,6 +88,22 @@ def test_galore_matches_galore_torch(slice_elements, monkeypatch):
     assert state["exp_avg"].shape == (64, 4) and state["projection"].shape == (4, 32)
 
 
+def test_the_sliced_adam_step_is_the_whole_adam_step_on_contiguous_and_strided_weights(monkeypatch):
+    """W - lr * M / (sqrt(V) + eps), written out here, for a weight stored row-major and one stored transposed."""
+    from tuneforge.train.update_rules import galore
+
+    monkeypatch.setattr(galore, "SLICE_ELEMENTS", 5)
+    torch.manual_seed(0)
+    for weight in (torch.randn(6, 4), torch.randn(4, 6).t()):
+        param = torch.nn.Parameter(weight.clone() if weight.is_contiguous() else weight.clone().t().contiguous().t())
+        state = {"exp_avg": torch.randn(4, 6).t(), "exp_avg_sq": torch.rand(6, 4)}
+        expected = param.detach() - 0.1 * state["exp_avg"] / (state["exp_avg_sq"].sqrt() + 1e-8)
+        storage = param.data_ptr()
+        galore._adam_step_by_slices(param, state, eps=1e-8, step_size=0.1)
+        torch.testing.assert_close(param.detach(), expected)
+        assert param.data_ptr() == storage, "the step is in place"
+
+
 def test_per_layer_galore_equals_galore_stepped_after_backward():
     stepped, stepped_rule, _ = model_and_rule({"method": "galore", "rank": 4, "update_proj_gap": 2})
     backprop_steps(stepped, stepped_rule, steps=3)

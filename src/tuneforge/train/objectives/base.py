@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from tuneforge.eval.loss import evaluate_loss
-from tuneforge.losses import IGNORE_INDEX, token_loss_sum
+from tuneforge.losses import token_loss_sum
 from tuneforge.models.precision import autocast
 from tuneforge.train.objectives.dpo import chosen_nll, dpo_loss
 from tuneforge.train.objectives.ipo import ipo_loss
 from tuneforge.train.objectives.kto import kl_reference_point, kto_loss
-from tuneforge.train.objectives.logprobs import (labelled_hidden_states, logprobs_from_hidden, pair_logprobs, per_answer_sums,
-                                                 sequence_logprobs, token_kl)
+from tuneforge.train.objectives.logprobs import (label_mask, labelled_hidden_states, logprobs_from_hidden, pair_logprobs,
+                                                 per_answer_sums, sequence_logprobs, token_kl)
 from tuneforge.train.objectives.orpo import orpo_loss
 from tuneforge.train.objectives.reference import Reference
 from tuneforge.train.objectives.simpo import simpo_loss
@@ -47,7 +47,7 @@ class SupervisedObjective:
         self.training = training
 
     def units(self, batch):
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return int(label_mask(batch).sum())
 
     def loss_sum(self, model, batch):
         loss, _ = token_loss_sum(model, batch, self.training.loss_chunk_size)

@@ -14,24 +14,30 @@ from torch.utils.checkpoint import checkpoint
 from tuneforge.losses import IGNORE_INDEX, backbone_and_head, hidden_states
 
 
+def label_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T-1) bool: the positions whose next token is labelled (position t predicts token t+1)."""
+    return batch["labels"][:, 1:] != IGNORE_INDEX
+
+
 def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs (B, T-1) float32, zero where unlabelled; the label mask (B, T-1) bool).
 
     Position t holds log p(token t+1 | tokens <= t), as in the causal-LM loss."""
     hidden = hidden_states(model, batch)  # (B, T, H)
-    keep = batch["labels"][:, 1:] != IGNORE_INDEX
-    logprobs = logprobs_from_hidden(model, batch, hidden[:, :-1][keep], chunk_size)
+    keep = label_mask(batch)
+    logprobs = logprobs_from_hidden(model, batch, hidden[:, :-1][keep], chunk_size, keep)
     if not keep.any():
         logprobs = logprobs + hidden.sum() * 0.0  # keeps the graph connected when nothing is labelled
     return logprobs, keep
 
 
 def logprobs_from_hidden(model: nn.Module, batch: dict[str, torch.Tensor], selected: torch.Tensor,
-                         chunk_size: int = 1024) -> torch.Tensor:
+                         chunk_size: int = 1024, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token log-probs (B, T-1) float32, zero where unlabelled, from the final hidden states (N, H) at
-    the positions that predict a labelled token (:func:`labelled_hidden_states`)."""
+    the positions that predict a labelled token (:func:`labelled_hidden_states`). ``keep``: the batch's
+    :func:`label_mask`, when the caller has it already."""
     _, head = backbone_and_head(model)
-    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    keep = label_mask(batch) if keep is None else keep
     targets = batch["labels"][:, 1:][keep]  # (N,)
     softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
     pieces = []
@@ -69,7 +75,7 @@ def pair_logprobs(model: nn.Module, batch: dict[str, torch.Tensor], chunk_size: 
 def per_answer_sums(per_token: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(sums of a per-token value (B, T-1) over each answer, labelled tokens per answer), in either pair layout."""
     if "label_segments" not in batch:
-        keep = batch["labels"][:, 1:] != IGNORE_INDEX
+        keep = label_mask(batch)
         return (per_token * keep).sum(dim=1), keep.sum(dim=1)
     segments = batch["label_segments"][:, 1:]  # (B, T-1), aligned with the predictions
     answers = int(batch["example_ids"].numel())  # 2P
@@ -83,7 +89,7 @@ def per_answer_sums(per_token: torch.Tensor, batch: dict[str, torch.Tensor]) -> 
 def labelled_hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The final hidden states (N, H) at the N positions that predict a labelled token."""
     hidden = hidden_states(model, batch)
-    return hidden[:, :-1][batch["labels"][:, 1:] != IGNORE_INDEX]
+    return hidden[:, :-1][label_mask(batch)]
 
 
 @torch.no_grad()
@@ -100,7 +106,7 @@ def token_kl(model: nn.Module, batch: dict[str, torch.Tensor], policy_hidden: to
         policy = _log_softmax(head, policy_hidden[start:start + chunk_size], softcap)
         reference = _log_softmax(head, reference_hidden[start:start + chunk_size], softcap)
         pieces.append((policy.exp() * (policy - reference)).sum(dim=-1))
-    keep = batch["labels"][:, 1:] != IGNORE_INDEX
+    keep = label_mask(batch)
     out = torch.zeros(keep.shape, dtype=torch.float32, device=keep.device)
     return out.masked_scatter(keep, torch.cat(pieces)) if pieces else out
 

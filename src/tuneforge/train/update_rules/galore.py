@@ -70,13 +70,14 @@ def _adam_step_by_slices(param: nn.Parameter, state: dict, eps: float, step_size
     """W -= step_size * M / (sqrt(V) + eps) one slice at a time: the same arithmetic, but the temporaries
     are one slice's size. Whole, they would be two copies of the largest unprojected weight (the
     embedding: 2 x 192 MiB on the 0.5B config), alive at the end of backward in per-layer mode."""
-    if not param.is_contiguous():
-        param.add_((state["exp_avg"] / state["exp_avg_sq"].sqrt().add_(eps)).to(param.dtype), alpha=-step_size)
-        return
-    slices = zip(param.view(-1).split(SLICE_ELEMENTS), state["exp_avg"].view(-1).split(SLICE_ELEMENTS),
-                 state["exp_avg_sq"].view(-1).split(SLICE_ELEMENTS))
+    contiguous = param.is_contiguous()
+    weights = param.data if contiguous else param.data.contiguous()  # a strided weight: step a row-major copy
+    slices = zip(weights.view(-1).split(SLICE_ELEMENTS), state["exp_avg"].reshape(-1).split(SLICE_ELEMENTS),
+                 state["exp_avg_sq"].reshape(-1).split(SLICE_ELEMENTS))  # the moments are only read
     for weight, exp_avg, exp_avg_sq in slices:
         weight.add_((exp_avg / exp_avg_sq.sqrt().add_(eps)).to(weight.dtype), alpha=-step_size)
+    if not contiguous:
+        param.data.copy_(weights)
 
 
 def _projection(grad: torch.Tensor, rank: int) -> torch.Tensor:
