@@ -412,6 +412,10 @@ class TrainingDiagnostics:
       entries that moved);
     - ``param_norm_start`` / ``param_norm_end``: the norm of all trainable parameters before the first
       and after the last step.
+
+    Only the trainer's optimizer counts. A method may step an optimizer of its own from a training hook
+    (diff pruning's gates), with a clip of its own: the trainer's parameters are those of the run's
+    first clip (the loop clips before any hook runs) or, without clipping, of the first optimizer step.
     """
 
     def __init__(self, steps: int):
@@ -421,6 +425,13 @@ class TrainingDiagnostics:
         self.updated_fraction: float | None = None
         self.param_norm_start: float | None = None
         self.param_norm_end: float | None = None
+        self._trainer_params: set[int] | None = None
+
+    def _is_trainers(self, parameters) -> bool:
+        ids = {id(p) for p in parameters}
+        if self._trainer_params is None:
+            self._trainer_params = ids
+        return not ids.isdisjoint(self._trainer_params)
 
     @contextlib.contextmanager
     def recording(self):
@@ -430,8 +441,10 @@ class TrainingDiagnostics:
         clip = torch.nn.utils.clip_grad_norm_
 
         def clip_and_record(parameters, *args, **kwargs):
+            parameters = [parameters] if torch.is_tensor(parameters) else list(parameters)
             total_norm = clip(parameters, *args, **kwargs)
-            self.grad_norms.append(float(total_norm))
+            if self._is_trainers(parameters):
+                self.grad_norms.append(float(total_norm))
             return total_norm
 
         # The trainer looks clip_grad_norm_ up on torch.nn.utils at each step; this child process only
@@ -455,8 +468,10 @@ class TrainingDiagnostics:
         return math.sqrt(sum(float(t.detach().float().pow(2).sum()) for t in tensors))
 
     def _before_step(self, optimizer, args, kwargs) -> None:
-        self.steps_seen += 1
         parameters = self._parameters(optimizer)
+        if not self._is_trainers(parameters):
+            return
+        self.steps_seen += 1
         if self.steps_seen == 1:
             self.param_norm_start = self._norm(parameters)
         if len(self.grad_norms) < self.steps_seen:  # the run does not clip: measure the norm here
@@ -465,9 +480,9 @@ class TrainingDiagnostics:
     def _after_step(self, optimizer, args, kwargs) -> None:
         import torch
 
-        if self.steps_seen != self.steps:
-            return
         parameters = self._parameters(optimizer)
+        if self.steps_seen != self.steps or not self._is_trainers(parameters):
+            return
         self.param_norm_end = self._norm(parameters)
         second_moments = [optimizer.state.get(p, {}).get("exp_avg_sq") for p in parameters]
         if all(torch.is_tensor(m) for m in second_moments):  # AdamW's own state (8-bit state is not read)

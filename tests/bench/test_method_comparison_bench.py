@@ -343,3 +343,27 @@ def test_training_diagnostics_measure_before_clipping(bench):
     assert diagnostics.param_norm_start == pytest.approx(start_norm)
     assert diagnostics.param_norm_end == pytest.approx(float(layer.weight.detach().norm()))
     assert torch.nn.utils.clip_grad_norm_.__name__ == "clip_grad_norm_"  # restored on exit
+
+
+def test_training_diagnostics_ignore_an_optimizer_a_method_steps_itself(bench):
+    """Diff pruning's hook clips and steps its gates' own Adam after the trainer's clip, before its step."""
+    torch.manual_seed(0)
+    layer, gate = torch.nn.Linear(4, 3, bias=False), torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.0)
+    gate_optimizer = torch.optim.Adam([gate], lr=0.1)
+    start_norm, expected_norms = float(layer.weight.detach().norm()), []
+    with bench.TrainingDiagnostics(steps=2).recording() as diagnostics:
+        for _ in range(2):
+            (layer(torch.randn(5, 4)) * gate).pow(2).sum().backward()
+            expected_norms.append(float(layer.weight.grad.norm()))
+            torch.nn.utils.clip_grad_norm_(layer.parameters(), 1e-3)
+            torch.nn.utils.clip_grad_norm_([gate], 1.0)  # the hook's own clip and step
+            gate_optimizer.step()
+            optimizer.step()
+            optimizer.zero_grad()
+            gate_optimizer.zero_grad()
+    assert diagnostics.grad_norms == pytest.approx(expected_norms)
+    assert diagnostics.steps_seen == 2
+    assert diagnostics.param_norm_start == pytest.approx(start_norm)
+    assert diagnostics.param_norm_end == pytest.approx(float(layer.weight.detach().norm()))
+    assert diagnostics.updated_fraction == pytest.approx(1.0)
