@@ -1157,6 +1157,25 @@ def plot_summaries(summaries: list[Summary], path: Path) -> None:
     plt.close(figure)
 
 
+RUN_CONTROL_FLAGS = {"--report-only": 0, "--rerun": 0, "--max-minutes": 1, "--limit": 1, "--jobs": 1}
+
+
+def reproduce_command(argv: list[str]) -> str:
+    """The command that builds the table: this invocation's arguments without the ones that only steer
+    one run (how long, how many rows at once, report only), which do not change the results."""
+    kept, skip = [], 0
+    for arg in argv:
+        if skip:
+            skip -= 1
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag in RUN_CONTROL_FLAGS:
+            skip = RUN_CONTROL_FLAGS[flag] if "=" not in arg else 0
+            continue
+        kept.append(arg)
+    return ("python bench/method_comparison.py " + shlex.join(kept)).strip()
+
+
 def write_report(plan: list[PlannedRow], options: argparse.Namespace, store: ResultStore, command: str,
                  ignored: list[str]) -> tuple[Path, Path]:
     from tuneforge.fileio import atomic_write_text
@@ -1220,7 +1239,7 @@ def main(argv: list[str] | None = None) -> list[Summary]:
     for note in ignored:
         print(f"note: {note}", flush=True)
     store = ResultStore(Path(options.output_dir) / RESULTS_FILE, read_existing=not options.rerun)
-    command = "python bench/method_comparison.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = reproduce_command(sys.argv[1:] if argv is None else argv)
     print(f"method comparison: {len(plan)} rows on {options.model}, {options.steps} steps each, device {options.device}; "
           f"results in {store.path}", flush=True)
     if not options.report_only:

@@ -367,3 +367,9 @@ def test_training_diagnostics_ignore_an_optimizer_a_method_steps_itself(bench):
     assert diagnostics.param_norm_start == pytest.approx(start_norm)
     assert diagnostics.param_norm_end == pytest.approx(float(layer.weight.detach().norm()))
     assert diagnostics.updated_fraction == pytest.approx(1.0)
+
+
+def test_the_reported_command_leaves_out_the_flags_that_only_steer_one_run(bench):
+    assert bench.reproduce_command(["--report-only"]) == "python bench/method_comparison.py"
+    assert (bench.reproduce_command(["--max-minutes", "125", "--steps", "100", "--jobs=2", "--rerun", "--limit", "3"])
+            == "python bench/method_comparison.py --steps 100")
