@@ -170,6 +170,7 @@ class FullyShardedDataParallel(DataParallel):
         super().__init__(device, rank, world_size)
         self.reshard_after_forward = reshard_after_forward
         self.replicas = replicas
+        self.shards = world_size // replicas  # ranks per replica group
         self.cpu_offload = cpu_offload
         self._root: nn.Module | None = None
 
@@ -179,7 +180,7 @@ class FullyShardedDataParallel(DataParallel):
 
         if self.replicas == 1:
             return init_device_mesh(self.device.type, (self.world_size,))
-        return init_device_mesh(self.device.type, (self.replicas, self.world_size // self.replicas),
+        return init_device_mesh(self.device.type, (self.replicas, self.shards),
                                 mesh_dim_names=("replicate", "shard"))
 
     def _offload_policy(self):
@@ -193,7 +194,7 @@ class FullyShardedDataParallel(DataParallel):
         if self.replicas == 1:
             layout = f"FSDP over {self.world_size} ranks"
         else:
-            layout = f"HSDP: {self.replicas} replica groups x {self.world_size // self.replicas} shards"
+            layout = f"HSDP: {self.replicas} replica groups x {self.shards} shards"
         return layout + ("; shards offloaded to CPU memory" if self.cpu_offload else "")
 
     @property
